@@ -1,0 +1,354 @@
+"""The Q-Former: a BERT-shaped transformer whose learned queries read a frozen image encoder.
+
+Shape legend (used in every comment and docstring of the package):
+    B  batch                              Q  query tokens (32)
+    T  text tokens                        L  sequence in a pass: Q + T, Q, or T
+    P  cached positions (queries + earlier text) when decoding
+    N  image tokens (257 for ViT-g/14 at 224 px)
+    D  Q-Former width (768)               E  image feature width (1408 ViT-g, 1024 ViT-L)
+    H  attention heads                    d  head width, D / H
+    F  feed-forward width (3072)          V  vocabulary (30523: BERT + `[DEC]`)
+
+One layer, on the sequence `[queries; text]` (post-LN BERT blocks):
+
+    x = norm(x + self_attention(x))                    all L positions, mask by mode (see masks.py)
+    q = x[:, :Q]  -> norm(q + cross_attention(q, image))   only in layers i % cross_attention_freq == 0
+    q -> query FFN,   t = x[:, Q:] -> text FFN           two separate feed-forward blocks
+    x = [q; t]
+
+Modes (DESIGN.md section 3) are just different inputs and masks to the same `forward`:
+    image features only          -> queries-only pass (ITC image side; stage 2)
+    text only                    -> text-only pass (ITC text side)
+    image features and text      -> joint pass: bidirectional (ITM) or `causal=True` (ITG)
+    `decode(text, cache)`        -> ITG text pass against the queries' cached keys/values; token-by-token
+                                    decoding with the same cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qformer.config import QFormerConfig
+from qformer.masks import cross_attention_mask, self_attention_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KVCache:
+    """Self-attention keys/values of every layer, `[B, H, P, d]` each; the first `query_length` are the queries'."""
+
+    layers: list[tuple[Tensor, Tensor]]
+    query_length: int
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2]
+
+    @property
+    def text_length(self) -> int:
+        return self.length - self.query_length
+
+    def index_select(self, index: Tensor) -> KVCache:
+        """Rows of the batch in a new order: beam reordering, or `repeat_interleave` indices to share an image."""
+        return KVCache(
+            [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers], self.query_length
+        )
+
+
+@dataclass
+class QFormerOutput:
+    hidden: Tensor  # [B, L, D]
+    cache: KVCache | None = None
+
+
+class Attention(nn.Module):
+    """Multi-head attention inside BERT's post-LN residual: `norm(x + out(attend(x, context)))`."""
+
+    def __init__(self, cfg: QFormerConfig, context_width: int):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.dropout_p = cfg.attention_dropout
+        self.impl = cfg.cross_attention_impl
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k = nn.Linear(context_width, cfg.hidden_size)
+        self.v = nn.Linear(context_width, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def _split_heads(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, H, L, d]
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,  # [B, L, D]
+        context: Tensor | None = None,  # [B, N, E] for cross-attention; None for self-attention
+        mask: Tensor | None = None,  # additive, broadcastable to [B, H, L, P + L] (or [B, H, L, N])
+        past: tuple[Tensor, Tensor] | None = None,  # cached self-attention keys/values [B, H, P, d]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        if context is not None and self._absorb(x.shape[1], context.shape[1]):
+            a = self._attend_absorbed(x, context, mask)  # [B, L, D]
+            return self.norm(x + self.drop(self.out(a))), None
+        source = x if context is None else context
+        q = self._split_heads(self.q(x))  # [B, H, L, d]
+        k = self._split_heads(self.k(source))  # [B, H, L or N, d]
+        v = self._split_heads(self.v(source))
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # [B, H, P + L, d]
+            v = torch.cat([past[1], v], dim=2)
+        if mask is not None:
+            mask = mask.to(q.dtype)  # autocast may run q in a lower precision than the mask was built in
+        dropout = self.dropout_p if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # [B, H, L, d]
+        a = a.transpose(1, 2).flatten(2)  # [B, L, D]
+        return self.norm(x + self.drop(self.out(a))), (k, v)
+
+    def _absorb(self, length: int, context_length: int) -> bool:
+        if self.impl != "auto":
+            return self.impl == "absorbed"
+        d = self.q.out_features // self.num_heads
+        # Multiply-adds per sample: absorbed H*L*(2*N*E + 2*d*E) against direct 2*N*E*D + 2*H*L*N*d.
+        absorbed = self.num_heads * length * (context_length + d)
+        direct = context_length * (self.q.out_features + self.num_heads * length * d / self.k.in_features)
+        return absorbed < direct
+
+    def _attend_absorbed(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        """Cross-attention without forming image keys and values; returns the heads' outputs `[B, L, D]`.
+
+        Scores `q_h . (X Wk_h + bk_h)` equal `(q_h Wk_h) . X` plus `q_h . bk_h`, the same for every image token
+        of a row, which softmax ignores. Values: `P (X Wv_h + bv_h) = (P X) Wv_h + rowsum(P) bv_h`. So the key
+        projection moves onto the L queries and the value projection after the weighted sum: with 32 queries
+        over 257 x 1408 ViT-g tokens this is about half the multiply-adds of the direct form.
+        """
+        h = self.num_heads
+        d = self.q.out_features // h
+        width = context.shape[-1]
+        q = self._split_heads(self.q(x))  # [B, H, L, d]
+        wk = self.k.weight.view(h, d, width)  # [H, d, E]
+        wv = self.v.weight.view(h, d, width)
+        qk = torch.einsum("bhld,hde->bhle", q, wk.to(q.dtype))  # [B, H, L, E]
+        scores = qk.flatten(1, 2) @ context.transpose(1, 2).to(qk.dtype) * d**-0.5  # [B, H*L, N]
+        if mask is not None:
+            scores = scores + mask.flatten(1, 2).to(scores.dtype)  # [B, 1, N] over every head and query
+        p = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        if self.training and self.dropout_p:
+            p = F.dropout(p, self.dropout_p)
+        px = (p @ context.to(p.dtype)).unflatten(1, (h, -1))  # [B, H, L, E]
+        a = torch.einsum("bhle,hde->bhld", px, wv.to(px.dtype))  # [B, H, L, d]
+        a = a + p.sum(-1).unflatten(1, (h, -1))[..., None] * self.v.bias.view(h, 1, d).to(a.dtype)
+        return a.transpose(1, 2).flatten(2)  # [B, L, D]
+
+
+class FeedForward(nn.Module):
+    """BERT's feed-forward block: `norm(x + fc2(gelu(fc1(x))))`."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, L, D]
+        return self.norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, cfg: QFormerConfig, index: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, cfg.hidden_size)
+        self.cross_attn = Attention(cfg, cfg.encoder_width) if cfg.has_cross_attention(index) else None
+        self.ffn_query = FeedForward(cfg)
+        self.ffn_text = FeedForward(cfg) if cfg.with_text else None
+
+    def forward(
+        self,
+        x: Tensor,  # [B, L, D], the first `query_length` positions are queries
+        query_length: int,
+        self_mask: Tensor | None,
+        image_embeds: Tensor | None,  # [B, N, E]
+        image_mask: Tensor | None,
+        past: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        x, kv = self.self_attn(x, mask=self_mask, past=past)
+        if query_length == 0:
+            return self.ffn_text(x), kv
+        queries = x[:, :query_length]  # [B, Q, D]
+        if self.cross_attn is not None:
+            queries, _ = self.cross_attn(queries, context=image_embeds, mask=image_mask)
+        queries = self.ffn_query(queries)
+        if x.shape[1] == query_length:
+            return queries, kv
+        return torch.cat([queries, self.ffn_text(x[:, query_length:])], dim=1), kv
+
+
+class Embeddings(nn.Module):
+    """Text gets word + absolute position embeddings (positions start at 0 after the queries); queries get none.
+
+    `[queries; text]` then shares one LayerNorm and dropout.
+    """
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        if cfg.with_text:
+            self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+            self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(
+        self,
+        queries: Tensor | None,  # [B, Q, D]
+        input_ids: Tensor | None,  # [B, T]
+        position_offset: int = 0,
+    ) -> Tensor:  # [B, L, D]
+        parts = [] if queries is None else [queries]
+        if input_ids is not None:
+            positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+            if positions.numel() and positions[-1] >= self.position.num_embeddings:
+                raise ValueError(
+                    f"text of {position_offset + input_ids.shape[1]} positions exceeds "
+                    f"max_position_embeddings={self.position.num_embeddings}"
+                )
+            text = self.word(input_ids) + self.position(positions)  # [B, T, D]
+            parts.append(text.to(queries.dtype) if queries is not None else text)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.drop(self.norm(x))
+
+
+class LMHead(nn.Module):
+    """BERT's MLM head; the decoder matrix is the word embedding (tied), only its bias is its own."""
+
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:  # [B, T, D], [V, D] -> [B, T, V]
+        return F.linear(self.norm(F.gelu(self.dense(hidden))), word_embeddings, self.bias)
+
+
+class QFormer(nn.Module):
+    def __init__(self, cfg: QFormerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.hidden_size))  # [1, Q, D]
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(QFormerLayer(cfg, i) for i in range(cfg.num_layers))
+        self.lm_head = LMHead(cfg) if cfg.with_text else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.query_tokens, std=std)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.bias)
+
+    def _check_text(self, input_ids: Tensor | None) -> None:
+        if input_ids is not None and not self.cfg.with_text:
+            raise ValueError("this Q-Former was built with with_text=False (stage 2): it has no text path")
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,  # [B, T]
+        attention_mask: Tensor | None = None,  # [B, T], 1 = token, 0 = padding
+        image_embeds: Tensor | None = None,  # [B, N, E]
+        image_mask: Tensor | None = None,  # [B, N], 1 = token, 0 = padding
+        *,
+        causal: bool = False,
+        use_cache: bool = False,
+    ) -> QFormerOutput:
+        """One pass over `[queries; text]`; queries are present exactly when `image_embeds` is given.
+
+        Returns hidden states `[B, L, D]` and, with `use_cache`, every layer's self-attention keys/values
+        (for an image-only pass: the query cache that ITG and captioning decode against).
+        """
+        if input_ids is None and image_embeds is None:
+            raise ValueError("QFormer.forward needs image_embeds, input_ids, or both")
+        self._check_text(input_ids)
+        queries = None
+        if image_embeds is not None:
+            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [B, Q, D]
+        x = self.embeddings(queries, input_ids)  # [B, L, D]
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(x.dtype)  # a frozen half-precision ViT feeds an fp32 Q-Former
+        query_length = 0 if queries is None else queries.shape[1]
+        text_length = 0 if input_ids is None else input_ids.shape[1]
+        mask = self_attention_mask(
+            query_length,
+            attention_mask,
+            causal=causal,
+            batch_size=x.shape[0],
+            text_length=text_length,
+            dtype=x.dtype,
+            device=x.device,
+        )
+        image_mask = cross_attention_mask(image_mask, dtype=x.dtype)
+        return self._run_layers(x, query_length, mask, image_embeds, image_mask, None, use_cache)
+
+    def decode(
+        self,
+        input_ids: Tensor,  # [B, T], the new text tokens
+        cache: KVCache,  # keys/values of the queries and of the text before `input_ids`
+        attention_mask: Tensor | None = None,  # [B, P - Q + T], padding over all text so far
+    ) -> QFormerOutput:
+        """Multimodal-causal text pass (ITG) against cached keys/values; returns the grown cache.
+
+        The query cache is used as is (not detached), so ITG gradients reach the queries as in the reference.
+        """
+        self._check_text(input_ids)
+        past_text = cache.text_length
+        x = self.embeddings(None, input_ids, position_offset=past_text)  # [B, T, D]
+        mask = self_attention_mask(
+            cache.query_length,
+            attention_mask,
+            num_rows=input_ids.shape[1],
+            causal=True,
+            batch_size=x.shape[0],
+            text_length=past_text + input_ids.shape[1],
+            dtype=x.dtype,
+            device=x.device,
+        )
+        return self._run_layers(x, 0, mask, None, None, cache, True)
+
+    def _run_layers(
+        self,
+        x: Tensor,
+        query_length: int,
+        mask: Tensor | None,
+        image_embeds: Tensor | None,
+        image_mask: Tensor | None,
+        cache: KVCache | None,
+        use_cache: bool,
+    ) -> QFormerOutput:
+        if query_length and image_embeds is None:
+            raise ValueError("query positions need image_embeds for cross-attention")
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            past = None if cache is None else cache.layers[i]
+            x, kv = layer(x, query_length, mask, image_embeds, image_mask, past)
+            if use_cache:
+                new_layers.append(kv)
+        query_cache_length = query_length if cache is None else cache.query_length
+        return QFormerOutput(x, KVCache(new_layers, query_cache_length) if use_cache else None)
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:  # [B, T, D] -> [B, T, V]
+        if self.lm_head is None:
+            raise ValueError("this Q-Former was built with with_text=False (stage 2): it has no LM head")
+        return self.lm_head(hidden, self.embeddings.word.weight)
