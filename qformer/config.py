@@ -7,7 +7,7 @@ real model rather than a stand-in. Invalid combinations fail at construction, na
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -125,4 +125,86 @@ QFORMER_PRESETS: dict[str, QFormerConfig] = {
     "tiny_vitl": QFormerConfig(**_TINY, encoder_width=40),
 }
 
-__all__ = ["QFormerConfig", "QFORMER_PRESETS"]
+
+# Token width of the built-in image encoders (others: read from timm at build time).
+VISION_WIDTHS = {"eva_vit_g": 1408, "clip_vit_l": 1024, "tiny": 48, "tiny_vitl": 40}
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder (DESIGN.md section 7).
+
+    arch: "eva_vit_g" (EVA-CLIP ViT-g/14, 39 of 40 blocks), "clip_vit_l" (CLIP ViT-L/14, 23 of 24 blocks),
+    "tiny" / "tiny_vitl" (test twins of those two), or "timm:<model name>" for any other timm ViT.
+    """
+
+    arch: str = "eva_vit_g"
+    image_size: int = 224
+    precision: str = "fp16"  # the frozen encoder's weights and activations
+    frozen: bool = True
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    weights: str | None = None  # a local file: LAVIS .pth, transformers folder/safetensors, or timm state dict
+    weights_format: str = "auto"  # auto | lavis | transformers | timm
+
+    def __post_init__(self) -> None:
+        if self.arch not in VISION_WIDTHS and not self.arch.startswith("timm:"):
+            raise ValueError(
+                f"VisionConfig.arch {self.arch!r} is not one of {', '.join(VISION_WIDTHS)} or 'timm:<model name>'"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"VisionConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.weights_format not in ("auto", "lavis", "transformers", "timm"):
+            raise ValueError(f"VisionConfig.weights_format {self.weights_format!r} is not auto/lavis/transformers/timm")
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"VisionConfig.image_size must be a positive integer, got {self.image_size!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"VisionConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+
+    @property
+    def width(self) -> int | None:
+        """Token width for built-in archs; None for timm models (known once built)."""
+        return VISION_WIDTHS.get(self.arch)
+
+
+@dataclass
+class Blip2Config:
+    """A BLIP-2 model: frozen image encoder + Q-Former + stage-1 heads."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    embed_dim: int = 256  # ITC projection width
+    max_text_length: int = 32
+    # ITC's cross-rank gather: "faithful" = the reference's no-grad gather (own rank included, so image->text
+    # trains only the image side and text->image only the text side); "connected" = autograd through the gather.
+    itc_gather: str = "faithful"
+
+    def __post_init__(self) -> None:
+        width = self.vision.width
+        if width is not None and width != self.qformer.encoder_width:
+            raise ValueError(
+                f"Q-Former encoder_width ({self.qformer.encoder_width}) must equal the {self.vision.arch} "
+                f"token width ({width})"
+            )
+        if self.itc_gather not in ("faithful", "connected"):
+            raise ValueError(f"Blip2Config.itc_gather must be faithful or connected, got {self.itc_gather!r}")
+        if self.embed_dim < 1 or self.max_text_length < 2:
+            raise ValueError("Blip2Config.embed_dim must be >= 1 and max_text_length >= 2")
+
+    @classmethod
+    def preset(cls, name: str) -> Blip2Config:
+        presets = {
+            "paper": (VisionConfig(), "paper"),
+            "paper_vitl": (VisionConfig(arch="clip_vit_l"), "paper_vitl"),
+            "tiny": (VisionConfig(arch="tiny", image_size=28, precision="fp32"), "tiny"),
+            "tiny_vitl": (VisionConfig(arch="tiny_vitl", image_size=28, precision="fp32"), "tiny_vitl"),
+        }
+        if name not in presets:
+            raise KeyError(f"unknown BLIP-2 preset {name!r}; known: {', '.join(sorted(presets))}")
+        vision, qformer = presets[name]
+        embed = 16 if name.startswith("tiny") else 256
+        return cls(vision=vision, qformer=QFormerConfig.preset(qformer), embed_dim=embed)
+
+
+__all__ = ["QFormerConfig", "QFORMER_PRESETS", "VisionConfig", "Blip2Config", "VISION_WIDTHS"]
