@@ -176,6 +176,9 @@ class Blip2Config:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     embed_dim: int = 256  # ITC projection width
     max_text_length: int = 32
+    # LAVIS's ln_vision is torch's default LayerNorm (1e-5); transformers' `post_layernorm` takes the vision
+    # config's eps (1e-6 in Salesforce/blip2-* folders). Loading a transformers folder should set 1e-6.
+    ln_vision_eps: float = 1e-5
     # ITC's cross-rank gather: "faithful" = the reference's no-grad gather (own rank included, so image->text
     # trains only the image side and text->image only the text side); "connected" = autograd through the gather.
     itc_gather: str = "faithful"
