@@ -20,9 +20,23 @@ from torch import Tensor, nn
 
 from qformer.caption import GenerationConfig, generate
 from qformer.config import Blip2Config
+from qformer.convert import QFORMER_KEYS, KeyMap, convert_state_dict, load_converted
 from qformer.qformer import KVCache, QFormer
 
 logger = logging.getLogger(__name__)
+
+# Stage-1 modules outside the Q-Former: (ours, LAVIS, transformers `Blip2ForImageTextRetrieval`).
+STAGE1_KEYS = QFORMER_KEYS + KeyMap(
+    (
+        ("ln_vision", "ln_vision", "vision_model.post_layernorm"),
+        ("vision_proj", "vision_proj", "vision_projection"),
+        ("text_proj", "text_proj", "text_projection"),
+        ("itm_head", "itm_head", "itm_head"),
+        ("temp", "temp", None),  # transformers keeps no ITC temperature
+    )
+)
+# Where each format keeps the image encoder's own weights (its inner names are converted by qformer.vision).
+VISUAL_PREFIX = {"ours": "visual.model.", "lavis": "visual_encoder.", "transformers": "vision_model."}
 
 
 @dataclass
@@ -172,3 +186,50 @@ class Blip2Stage1(nn.Module):
             pad_token_id=pad_token_id,
             cfg=cfg,
         )
+
+
+def stage1_state_dict(model: Blip2Stage1, fmt: str = "ours", *, include_visual: bool = True) -> dict[str, Tensor]:
+    """The stage-1 model's weights under `fmt` names ("ours", "lavis", "transformers").
+
+    LAVIS's pretrained stage-1 files leave the frozen image encoder out: pass include_visual=False to match them.
+    """
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    out = convert_state_dict(own, "ours", fmt, STAGE1_KEYS).state
+    if include_visual and model.visual is not None:
+        from qformer.vision import vision_state_dict
+
+        out.update(vision_state_dict(model.visual, "timm" if fmt == "ours" else fmt, prefix=VISUAL_PREFIX[fmt]))
+    return out
+
+
+def load_stage1_state(
+    model: Blip2Stage1, state: dict[str, Tensor], fmt: str, *, source: str = "checkpoint", require_visual: bool = False
+) -> list[str]:
+    """Load a whole stage-1 checkpoint strictly; returns the keys left out on purpose.
+
+    Expected absences are named, never silent: a LAVIS pretrained file has no `visual_encoder.*` (the frozen
+    encoder keeps the weights it was built with); a transformers retrieval folder has no ITC temperature and no
+    Q-Former LM head (those keep their initial values, and a warning says so).
+    """
+    prefix = VISUAL_PREFIX[fmt]
+    ln_vision_key = "vision_model.post_layernorm."  # transformers keeps ln_vision inside vision_model
+    visual = {k: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(ln_vision_key)}
+    rest = {k: v for k, v in state.items() if k not in visual}
+    allowed = ["visual."]
+    if fmt == "transformers":
+        allowed += ["temp", "qformer.lm_head."]
+        logger.warning(
+            "%s: transformers' BLIP-2 has no ITC temperature or Q-Former LM head; they keep their init", source
+        )
+    dropped = load_converted(model, rest, fmt, key_map=STAGE1_KEYS, source=source, allowed_missing=allowed)
+    if visual:
+        if model.visual is None:
+            raise ValueError(f"{source} holds image encoder weights ({prefix}*) but the model has no image encoder")
+        from qformer.vision import load_vision_weights
+
+        dropped += load_vision_weights(model.visual, visual, "timm" if fmt == "ours" else fmt, prefix=prefix)
+    elif require_visual:
+        raise ValueError(f"{source} has no image encoder weights ({prefix}*)")
+    elif model.visual is not None:
+        logger.info("%s has no %s* keys: the image encoder keeps the weights it was built with", source, prefix)
+    return dropped

@@ -48,8 +48,8 @@ def hf_blip2_config(cfg: QFormerConfig) -> Blip2Config:
     return Blip2Config(
         vision_config=dict(
             hidden_size=cfg.encoder_width,
-            intermediate_size=64,
-            num_hidden_layers=1,
+            intermediate_size=96 if cfg.encoder_width == 48 else 64,  # the "tiny" ViT's MLP
+            num_hidden_layers=2,
             num_attention_heads=4,
             image_size=28,
             patch_size=14,

@@ -1,0 +1,67 @@
+"""One stage-1 training step: the model's features joined with the ITC, ITM and ITG losses (equal weights).
+
+Runs unchanged at world size 1 without a process group and under torchrun: the ITC negatives and the
+hard-negative pool are the global batch (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qformer.blip2 import Blip2Stage1
+from qformer.dist import all_gather_no_grad, gather_rows, get_world_size
+from qformer.losses import clamp_temperature_, hard_negative_indices, itc_loss, itg_labels, itg_loss, itm_loss
+
+
+def _pad_to(x: Tensor, length: int, value: int) -> Tensor:
+    return F.pad(x, (0, length - x.shape[1]), value=value) if x.shape[1] < length else x
+
+
+def stage1_losses(
+    model: Blip2Stage1,
+    input_ids: Tensor,  # [B, T], starting with [CLS]
+    attention_mask: Tensor,  # [B, T]
+    *,
+    images: Tensor | None = None,  # [B, 3, H, W]
+    image_tokens: Tensor | None = None,  # [B, N, E] frozen-encoder outputs, instead of images
+    image_ids: Tensor | None = None,  # [B]: pairs of the same image are all positives (retrieval fine-tuning)
+    bos_token_id: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """{"loss", "loss_itc", "loss_itm", "loss_itg"} for one batch of image-text pairs."""
+    if (images is None) == (image_tokens is None):
+        raise ValueError("pass exactly one of images or image_tokens")
+    cfg = model.cfg
+    pad_id = cfg.qformer.pad_token_id
+    if get_world_size() > 1:
+        # Text is gathered across ranks for ITM negatives: every rank pads to the same length.
+        input_ids = _pad_to(input_ids, cfg.max_text_length, pad_id)
+        attention_mask = _pad_to(attention_mask, cfg.max_text_length, 0)
+
+    with torch.no_grad():
+        clamp_temperature_(model.temp)
+    image_embeds = model.encode_image(images) if images is not None else model.embed_image_tokens(image_tokens)
+    image = model.image_features(image_embeds, use_cache=True)  # feats [B, Q, P], cache for ITG
+    text = model.text_features(input_ids, attention_mask)  # feat [B, P]
+
+    # ITC over the global batch.
+    itc = itc_loss(image.feats, text.feat, model.temp, image_ids=image_ids, gather=cfg.itc_gather)
+
+    # ITM: one hard negative image per text and one hard negative text per image, from the global batch.
+    neg_image, neg_text = hard_negative_indices(itc.sim_i2t, itc.sim_t2i, image_ids=image_ids, generator=generator)
+    image_embeds_neg = gather_rows(image_embeds, neg_image)  # [B, N, E], only the drawn rows cross ranks
+    text_ids_neg = all_gather_no_grad(input_ids)[neg_text]  # [B, T]
+    text_mask_neg = all_gather_no_grad(attention_mask)[neg_text]
+    itm_ids = torch.cat([input_ids, input_ids, text_ids_neg])  # [3B, T]
+    itm_mask = torch.cat([attention_mask, attention_mask, text_mask_neg])
+    itm_images = torch.cat([image_embeds, image_embeds_neg, image_embeds])  # [3B, N, E]
+    loss_itm = itm_loss(model.itm_logits(itm_images, itm_ids, itm_mask))
+
+    # ITG: [DEC] replaces [CLS]; decode against the query cache (not detached).
+    decoder_ids, labels = itg_labels(input_ids, pad_token_id=pad_id, bos_token_id=bos_token_id)
+    loss_itg = itg_loss(model.itg_logits(image.cache, decoder_ids, attention_mask), labels)
+
+    loss = itc.loss + loss_itm + loss_itg
+    return {"loss": loss, "loss_itc": itc.loss.detach(), "loss_itm": loss_itm.detach(), "loss_itg": loss_itg.detach()}
