@@ -169,6 +169,27 @@ class VisionConfig:
 
 
 @dataclass
+class LLMConfig:
+    """The frozen language model of stage 2 (DESIGN.md section 5): OPT (decoder-only) or Flan-T5 (encoder-decoder)."""
+
+    path: str | None = None  # a local transformers folder (config, weights, tokenizer), or a hub name you can reach
+    dtype: str = "fp16"  # the frozen LLM's precision; T5 overflows in fp16, so it must be bf16 or fp32
+    # Prepended to every training caption (e.g. "a photo of" for captioning fine-tuning); its tokens get no loss.
+    prompt: str = ""
+    max_text_length: int = 32
+    end_of_text: str = "\n"  # OPT: appended to training captions, and the token that ends generation
+    # T5 pretraining: split each caption at a uniform word in [1, len/2]: the prefix goes to the encoder after the
+    # soft prompt, the rest is the decoder's target. With a prompt (captioning fine-tuning) the prompt is the prefix.
+    prefix_lm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"LLMConfig.dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
+        if self.max_text_length < 2:
+            raise ValueError(f"LLMConfig.max_text_length must be >= 2, got {self.max_text_length}")
+
+
+@dataclass
 class Blip2Config:
     """A BLIP-2 model: frozen image encoder + Q-Former + stage-1 heads."""
 
@@ -179,6 +200,7 @@ class Blip2Config:
     # LAVIS's ln_vision is torch's default LayerNorm (1e-5); transformers' `post_layernorm` takes the vision
     # config's eps (1e-6 in Salesforce/blip2-* folders). Loading a transformers folder should set 1e-6.
     ln_vision_eps: float = 1e-5
+    llm: LLMConfig = field(default_factory=LLMConfig)  # stage 2 only
     # ITC's cross-rank gather: "faithful" = the reference's no-grad gather (own rank included, so image->text
     # trains only the image side and text->image only the text side); "connected" = autograd through the gather.
     itc_gather: str = "faithful"
@@ -210,4 +232,4 @@ class Blip2Config:
         return cls(vision=vision, qformer=QFormerConfig.preset(qformer), embed_dim=embed)
 
 
-__all__ = ["QFormerConfig", "QFORMER_PRESETS", "VisionConfig", "Blip2Config", "VISION_WIDTHS"]
+__all__ = ["QFormerConfig", "QFORMER_PRESETS", "VisionConfig", "LLMConfig", "Blip2Config", "VISION_WIDTHS"]

@@ -1,0 +1,353 @@
+"""BLIP-2 stage 2: the Q-Former's query outputs, through one linear layer, as a soft prompt to a frozen LLM.
+
+    images --frozen ViT, ln_vision--> [B, N, E] --Q-Former (query path only)--> [B, Q, D]
+           --llm_proj--> soft prompt [B, Q, H] --> placed before the text embeddings of a frozen LLM
+
+Decoder-only (OPT): `[soft prompt; "</s>caption\\n"]`, loss on the caption only. Batched generation pads on the
+left, `[pads; soft prompt; prompt tokens]` (the layout transformers' BLIP-2 uses; OPT's positions skip the pads).
+Encoder-decoder (Flan-T5): encoder input `[soft prompt; text prefix]`, decoder target the rest of the text.
+Generation is transformers' `generate` on the LLM with these input embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from qformer.caption import GenerationConfig
+from qformer.config import Blip2Config
+from qformer.convert import QFORMER_KEYS, KeyMap, convert_state_dict, load_converted
+from qformer.qformer import QFormer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VQA_PROMPT = "Question: {} Short answer:"
+# Zero-shot VQA decoding of the paper: 5 beams, at most 10 new tokens, at least 1, length penalty -1.
+VQA_GENERATION = GenerationConfig(max_new_tokens=10, min_new_tokens=1, num_beams=5, length_penalty=-1.0)
+CAPTION_GENERATION = GenerationConfig(max_new_tokens=30, min_new_tokens=8, num_beams=5)
+
+
+def load_llm(path: str, dtype: str) -> tuple[nn.Module, object]:
+    """A frozen causal or seq2seq LM and its tokenizer from a local transformers folder (or reachable hub name)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"cannot read a language model config from {path!r}: {e}") from e
+    if config.is_encoder_decoder and dtype == "fp16":
+        raise ValueError(f"{path}: T5-style models overflow in fp16; use dtype bf16 (or fp32)")
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    llm = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return llm, tokenizer
+
+
+def prefix_lm_split(text: str, rng: random.Random) -> tuple[str, str]:
+    """Split a caption at a uniform word k in [1, n/2]: (first k words, the rest)."""
+    words = text.split()
+    if len(words) < 2:
+        return "", text
+    k = rng.randint(1, max(1, len(words) // 2))
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+class Blip2Stage2(nn.Module):
+    def __init__(
+        self,
+        cfg: Blip2Config,
+        *,
+        visual: nn.Module | None = None,
+        build_visual: bool = True,
+        llm: nn.Module | None = None,
+        tokenizer=None,
+        seed: int = 0,
+    ):
+        """llm, tokenizer: a language model and its tokenizer to use; loaded from `cfg.llm.path` when None."""
+        super().__init__()
+        qcfg = cfg.qformer.replace(with_text=False)  # stage 2 keeps only the query path
+        self.cfg = replace(cfg, qformer=qcfg)
+        if visual is None and build_visual:
+            from qformer.vision import build_vision_encoder
+
+            visual = build_vision_encoder(cfg.vision)
+        self.visual = visual
+        self.ln_vision = nn.LayerNorm(qcfg.encoder_width, eps=cfg.ln_vision_eps)
+        self.qformer = QFormer(qcfg)
+        if llm is None:
+            if not cfg.llm.path:
+                raise ValueError("stage 2 needs a language model: set llm.path (a local transformers folder)")
+            llm, tokenizer = load_llm(cfg.llm.path, cfg.llm.dtype)
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer of the language model you pass")
+        self.llm = llm.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = bool(llm.config.is_encoder_decoder)
+        llm_width = llm.get_input_embeddings().embedding_dim
+        self.llm_proj = nn.Linear(qcfg.hidden_size, llm_width)
+        nn.init.normal_(self.llm_proj.weight, std=qcfg.initializer_range)
+        nn.init.zeros_(self.llm_proj.bias)
+        self._rng = random.Random(seed)  # prefix-LM split points
+        if not self.is_encoder_decoder:
+            end = tokenizer(cfg.llm.end_of_text, add_special_tokens=False).input_ids
+            if len(end) != 1:
+                raise ValueError(f"end_of_text {cfg.llm.end_of_text!r} must be one token, got ids {end}")
+            self.end_token_id = end[0]
+        else:
+            self.end_token_id = tokenizer.eos_token_id
+
+    def train(self, mode: bool = True) -> Blip2Stage2:
+        super().train(mode)
+        self.llm.eval()  # frozen: dropout stays off whatever the caller asks
+        return self
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    # -- the soft prompt -----------------------------------------------------------------------------------------
+
+    def soft_prompt(self, images: Tensor | None = None, image_tokens: Tensor | None = None) -> Tensor:
+        """`[B, Q, H]` in the LLM's dtype, from images or from precomputed frozen-encoder outputs."""
+        if (images is None) == (image_tokens is None):
+            raise ValueError("pass exactly one of images or image_tokens")
+        if images is not None:
+            if self.visual is None:
+                raise ValueError("this model has no image encoder: pass image_tokens")
+            image_tokens = self.visual(images)
+        image_embeds = self.ln_vision(image_tokens.float())  # [B, N, E]
+        queries = self.qformer(image_embeds=image_embeds).hidden  # [B, Q, D]
+        return self.llm_proj(queries).to(self.llm_dtype)
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    # -- training loss -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        text: list[str],
+        *,
+        images: Tensor | None = None,
+        image_tokens: Tensor | None = None,
+        text_output: list[str] | None = None,
+    ) -> dict[str, Tensor]:
+        """{"loss", "logits"}: OPT's LM loss on the caption only (logits over `[soft prompt; text]`); T5's loss on
+        the target part, prefix LM or given outputs (decoder logits)."""
+        prompt = self.soft_prompt(images, image_tokens)
+        out = self._t5_loss(prompt, text, text_output) if self.is_encoder_decoder else self._opt_loss(prompt, text)
+        return {"loss": out.loss, "logits": out.logits}
+
+    def _opt_loss(self, prompt: Tensor, text: list[str]):
+        llm_cfg = self.cfg.llm
+        captions = [llm_cfg.prompt + t + llm_cfg.end_of_text for t in text]
+        enc = self.tokenizer(
+            captions,
+            padding="longest",
+            truncation=True,
+            max_length=llm_cfg.max_text_length,
+            return_tensors="pt",
+            padding_side="right",
+        ).to(prompt.device)
+        targets = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # [B, T]
+        if llm_cfg.prompt:
+            # The prompt's tokens (the tokenizer's BOS included) are given, not predicted.
+            n_prompt = len(self.tokenizer(llm_cfg.prompt).input_ids)
+            targets[:, :n_prompt] = -100
+        batch, queries = prompt.shape[:2]
+        no_loss = torch.full((batch, queries), -100, dtype=torch.long, device=prompt.device)
+        embeds = torch.cat([prompt, self._embed(enc.input_ids)], dim=1)  # [B, Q + T, H]
+        mask = torch.cat([torch.ones_like(no_loss), enc.attention_mask], dim=1)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([no_loss, targets], 1))
+
+    def _t5_loss(self, prompt: Tensor, text: list[str], text_output: list[str] | None):
+        llm_cfg = self.cfg.llm
+        if text_output is None:
+            if llm_cfg.prompt:
+                text, text_output = [llm_cfg.prompt] * len(text), text
+            elif llm_cfg.prefix_lm:
+                text, text_output = map(list, zip(*(prefix_lm_split(t, self._rng) for t in text), strict=True))
+            else:
+                raise ValueError("T5 training needs text_output, a prompt, or prefix_lm=True")
+        tok = dict(padding="longest", truncation=True, max_length=llm_cfg.max_text_length, return_tensors="pt")
+        enc = self.tokenizer(text, **tok).to(prompt.device)
+        out = self.tokenizer(text_output, **tok).to(prompt.device)
+        embeds = torch.cat([prompt, self._embed(enc.input_ids)], dim=1)
+        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device), enc.attention_mask], 1)
+        labels = out.input_ids.masked_fill(out.attention_mask == 0, -100)
+        return self.llm(
+            inputs_embeds=embeds, attention_mask=mask, decoder_attention_mask=out.attention_mask, labels=labels
+        )
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def generation_inputs(self, prompt: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(input embeddings, attention mask) with the soft prompt before each sample's own text prompt.
+
+        Decoder-only: left padding, pads first: `[pads; soft prompt; prompt tokens]`. T5: right padding.
+        """
+        batch, queries = prompt.shape[:2]
+        if len(prompts) != batch:
+            raise ValueError(f"{len(prompts)} prompts for {batch} images")
+        side = "right" if self.is_encoder_decoder else "left"
+        enc = self.tokenizer(prompts, padding="longest", return_tensors="pt", padding_side=side).to(prompt.device)
+        text = self._embed(enc.input_ids)  # [B, L, H]
+        ones = torch.ones(batch, queries, dtype=enc.attention_mask.dtype, device=prompt.device)
+        if self.is_encoder_decoder:
+            return torch.cat([prompt, text], 1), torch.cat([ones, enc.attention_mask], 1)
+        # Move each row's pads in front of its soft prompt: target t takes source t+Q (a pad) while t < pads,
+        # then the queries (source t - pads), then the tokens (source t), in the order [soft prompt; text].
+        joint = torch.cat([prompt, text], 1)  # [B, Q + L, H], text left-padded
+        length = enc.input_ids.shape[1]
+        pads = (length - enc.attention_mask.sum(1))[:, None]  # [B, 1]
+        t = torch.arange(queries + length, device=prompt.device)[None]  # [1, Q + L]
+        source = torch.where(t < pads, t + queries, torch.where(t < pads + queries, t - pads, t))
+        embeds = joint.gather(1, source[..., None].expand(-1, -1, joint.shape[-1]))
+        return embeds, (t >= pads).to(enc.attention_mask.dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | list[str] = "",
+        *,
+        images: Tensor | None = None,
+        image_tokens: Tensor | None = None,
+        cfg: GenerationConfig | None = None,
+        return_ids: bool = False,
+    ) -> list[str] | Tensor:
+        """Text for each image (one prompt for all, or one per image), decoded with transformers' `generate`."""
+        cfg = cfg or CAPTION_GENERATION
+        prompt = self.soft_prompt(images, image_tokens)
+        if isinstance(prompts, str):
+            prompts = [prompts] * prompt.shape[0]
+        embeds, mask = self.generation_inputs(prompt, prompts)
+        ids = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            repetition_penalty=cfg.repetition_penalty,
+            eos_token_id=self.end_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=False,
+        )
+        if return_ids:
+            return ids
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def predict_answers(
+        self,
+        questions: list[str],
+        *,
+        images: Tensor | None = None,
+        image_tokens: Tensor | None = None,
+        prompt: str = VQA_PROMPT,
+        cfg: GenerationConfig | None = None,
+    ) -> list[str]:
+        """Zero-shot VQA: each question in `prompt`, answered by beam search (paper settings by default)."""
+        prompts = [prompt.format(q) for q in questions]
+        return self.generate(prompts, images=images, image_tokens=image_tokens, cfg=cfg or VQA_GENERATION)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+VISUAL_PREFIX = {"ours": "visual.model.", "lavis": "visual_encoder.", "transformers": "vision_model."}
+LLM_PREFIX = {"ours": "llm.", "transformers": "language_model."}  # LAVIS files never carry the frozen LLM
+
+
+def stage2_keys(model: Blip2Stage2) -> KeyMap:
+    """Q-Former rows plus ln_vision and the LLM projection (LAVIS: `opt_proj` or `t5_proj`)."""
+    lavis_proj = "t5_proj" if model.is_encoder_decoder else "opt_proj"
+    return QFORMER_KEYS + KeyMap(
+        (
+            ("ln_vision", "ln_vision", "vision_model.post_layernorm"),
+            ("llm_proj", lavis_proj, "language_projection"),
+        )
+    )
+
+
+def stage2_state_dict(
+    model: Blip2Stage2, fmt: str = "ours", *, include_visual: bool = True, include_llm: bool | None = None
+) -> dict[str, Tensor]:
+    """The stage-2 weights under `fmt` names. The frozen LLM is included for "ours"/"transformers" by default;
+    LAVIS files never hold it (and pretrained ones not the ViT either: pass include_visual=False)."""
+    include_llm = fmt != "lavis" if include_llm is None else include_llm
+    if include_llm and fmt == "lavis":
+        raise ValueError("LAVIS stage-2 files hold no LLM weights")
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("visual.", "llm."))}
+    out = convert_state_dict(own, "ours", fmt, stage2_keys(model)).state
+    if include_visual and model.visual is not None:
+        from qformer.vision import vision_state_dict
+
+        out.update(vision_state_dict(model.visual, "timm" if fmt == "ours" else fmt, prefix=VISUAL_PREFIX[fmt]))
+    if include_llm:
+        out.update({LLM_PREFIX[fmt] + k: v for k, v in model.llm.state_dict().items()})
+    return out
+
+
+def load_stage2_state(
+    model: Blip2Stage2, state: dict[str, Tensor], fmt: str, *, source: str = "checkpoint", require_visual: bool = False
+) -> list[str]:
+    """Load stage-2 weights strictly; returns the keys left out on purpose.
+
+    The LLM is frozen and loaded from its own folder: LLM keys in `state` must equal the loaded LLM's names and
+    shapes, and are loaded too (a transformers BLIP-2 folder carries them). A LAVIS file has no LLM keys; a
+    pretrained one no `visual_encoder.*` either (then the image encoder keeps the weights it was built with).
+    """
+    vprefix, lprefix = VISUAL_PREFIX[fmt], LLM_PREFIX.get(fmt)
+    ln_vision_key = "vision_model.post_layernorm."
+    visual = {k: v for k, v in state.items() if k.startswith(vprefix) and not k.startswith(ln_vision_key)}
+    llm = {k[len(lprefix) :]: v for k, v in state.items() if lprefix and k.startswith(lprefix)}
+    rest = {k: v for k, v in state.items() if k not in visual and not (lprefix and k.startswith(lprefix))}
+    dropped = load_converted(
+        model, rest, fmt, key_map=stage2_keys(model), source=source, allowed_missing=["visual.", "llm."]
+    )
+    if llm:
+        from qformer.convert import check_state_dict
+
+        check_state_dict(model.llm, llm, source=f"{source} ({lprefix}*)")
+        model.llm.load_state_dict(llm, strict=False)
+    if visual:
+        if model.visual is None:
+            raise ValueError(f"{source} holds image encoder weights ({vprefix}*) but the model has no image encoder")
+        from qformer.vision import load_vision_weights
+
+        dropped += load_vision_weights(model.visual, visual, "timm" if fmt == "ours" else fmt, prefix=vprefix)
+    elif require_visual:
+        raise ValueError(f"{source} has no image encoder weights ({vprefix}*)")
+    return dropped
+
+
+def init_from_stage1(model: Blip2Stage2, stage1_state: dict[str, Tensor], *, source: str = "stage-1") -> list[str]:
+    """Start stage 2 from a stage-1 model's weights (our names): the query path and ln_vision load, the text
+    parts are dropped by name (returned and logged), the LLM projection stays fresh."""
+    text_parts = (
+        "qformer.embeddings.word.",
+        "qformer.embeddings.position.",
+        "qformer.lm_head.",
+        "vision_proj.",
+        "text_proj.",
+        "itm_head.",
+        "temp",
+    )
+    keep, dropped = {}, []
+    for key, value in stage1_state.items():
+        if key.startswith("visual."):
+            continue  # the frozen encoder comes from its own weights
+        if key.startswith(text_parts) or ".ffn_text." in key:
+            dropped.append(key)
+        else:
+            keep[key] = value
+    load_converted(
+        model, keep, "ours", key_map=stage2_keys(model), source=source, allowed_missing=["visual.", "llm.", "llm_proj."]
+    )
+    logger.info("stage 2 from %s: dropped %d text-side keys: %s", source, len(dropped), ", ".join(sorted(dropped)))
+    return sorted(dropped)
