@@ -24,5 +24,5 @@ setup(
         "tqdm",
     ],
     extras_require={"dev": ["pytest", "ruff"]},
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["qformer=tasks.cli:main"]},
 )

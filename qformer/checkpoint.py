@@ -1,0 +1,145 @@
+"""Our own checkpoints (a folder: `config.json` + `model.safetensors`) and reading any checkpoint file safely.
+
+The frozen LLM is never copied into a checkpoint: the config names its folder and loading rebuilds it from
+there. The frozen image encoder is copied only when the config names no weights file to rebuild it from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from qformer.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from qformer.convert import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors from a `.pth`/`.pt`/`.bin` (torch.load with weights_only=True; LAVIS's {"model": ...} unwrapped) or a
+    `.safetensors` file. A missing, truncated or foreign file raises an error naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (or {{'model': state dict}})")
+    return obj
+
+
+def config_to_dict(cfg: Blip2Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict) -> Blip2Config:
+    """Rebuild a `Blip2Config`; an unknown key anywhere is an error naming it."""
+    parts = {"vision": VisionConfig, "qformer": QFormerConfig, "llm": LLMConfig}
+    top = {f.name for f in dataclasses.fields(Blip2Config)}
+    unknown = sorted(set(values) - top)
+    if unknown:
+        raise ValueError(f"unknown Blip2Config key(s): {', '.join(unknown)}")
+    kwargs = dict(values)
+    for name, cls in parts.items():
+        if name in kwargs:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(kwargs[name]) - fields)
+            if bad:
+                raise ValueError(f"unknown {cls.__name__} key(s) under {name!r}: {', '.join(bad)}")
+            kwargs[name] = cls(**kwargs[name])
+    return Blip2Config(**kwargs)
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, *, tokenizer=None) -> Path:
+    """Write `model` (Blip2Stage1 or Blip2Stage2) to `folder`; a tokenizer (the BERT one, for stage-1 captioning)
+    may travel in `folder/tokenizer`. Written to a temporary name first, so a crash never leaves half a file."""
+    from qformer.blip2 import Blip2Stage1
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = "stage1" if isinstance(model, Blip2Stage1) else "stage2"
+    cfg = model.cfg
+    skip = ["llm."]
+    if model.visual is not None and cfg.vision.frozen and cfg.vision.weights:
+        skip.append("visual.")  # rebuilt from cfg.vision.weights
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(tuple(skip))}
+    tmp = folder / (WEIGHTS_NAME + ".tmp")
+    save_file(state, tmp, metadata={"format": "pt", "stage": stage})
+    tmp.replace(folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps({"stage": stage, "config": config_to_dict(cfg)}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+    logger.info("saved %s (%d tensors; left out: %s) to %s", stage, len(state), ", ".join(skip), folder)
+    return folder
+
+
+def load_pretrained(folder: str | Path, **llm_overrides) -> nn.Module:
+    """A Blip2Stage1 or Blip2Stage2 from a folder written by `save_pretrained`, loaded strictly.
+
+    llm_overrides: LLMConfig fields to change (e.g. path= when the LLM folder has moved).
+    """
+    from qformer.blip2 import Blip2Stage1
+    from qformer.stage2 import Blip2Stage2
+
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint folder {folder}")
+    try:
+        meta = json.loads(config_path.read_text())
+        stage, cfg = meta["stage"], config_from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: not a qformer checkpoint config ({e})") from e
+    if llm_overrides:
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **llm_overrides))
+    state = read_state_dict(folder / WEIGHTS_NAME)
+    if stage == "stage1":
+        model = Blip2Stage1(cfg)
+    elif stage == "stage2":
+        model = Blip2Stage2(cfg)
+    else:
+        raise CheckpointError(f"{config_path}: unknown stage {stage!r}")
+    expected = model.state_dict()
+    may_lack = ("llm.", "visual.") if cfg.vision.weights else ("llm.",)
+    missing = sorted(k for k in expected if k not in state and not k.startswith(may_lack))
+    unexpected = sorted(k for k in state if k not in expected)
+    misshapen = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
+    if missing or unexpected or misshapen:
+        raise CheckpointError(
+            f"{folder / WEIGHTS_NAME} does not fit its config: missing {missing or 'none'}; "
+            f"unexpected {unexpected or 'none'}; shape mismatches {misshapen or 'none'}"
+        )
+    model.load_state_dict(state, strict=False)  # strictness checked above; frozen parts came from their files
+    return model.eval()
+
+
+def load_tokenizer_from(folder: str | Path):
+    """The tokenizer saved beside a stage-1 checkpoint (with `[DEC]`), or None."""
+    path = Path(folder) / TOKENIZER_DIR
+    if not path.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

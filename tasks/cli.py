@@ -1,0 +1,277 @@
+"""The `qformer` command line.
+
+qformer convert blip2_pretrained.pth runs/ckpt --from lavis --preset paper --vision-weights eva_vit_g.pth --bert BERT
+qformer convert blip2_opt.pth runs/opt --from lavis --llm /models/opt-2.7b --vision-weights eva_vit_g.pth
+qformer convert /models/blip2-opt-2.7b runs/opt --from transformers
+qformer convert runs/opt exported/ --from ours --to transformers
+qformer caption photo.jpg --checkpoint runs/opt
+qformer ask photo.jpg "what is the man holding?" --checkpoint runs/opt
+qformer features a.jpg b.jpg --checkpoint runs/ckpt --mode image --out feats.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+
+
+def load_images(paths: list[str], size: int) -> torch.Tensor:
+    """`[B, 3, size, size]` eval-transformed images; a missing or undecodable file is an error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    from tasks.data.transforms import eval_transform
+
+    transform = eval_transform(size)
+    out = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            with Image.open(path) as img:
+                out.append(transform(img.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot decode image {path}: {e}") from e
+    return torch.stack(out)
+
+
+def _stage1_tokens(folder: str, texts: list[str], max_length: int):
+    from qformer.checkpoint import load_tokenizer_from
+
+    tokenizer = load_tokenizer_from(folder)
+    if tokenizer is None:
+        raise ValueError(f"{folder} has no tokenizer/ folder: convert it with --bert BERT_FOLDER")
+    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return tokenizer, enc
+
+
+# -- commands -----------------------------------------------------------------------------------------------------
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from qformer.checkpoint import read_state_dict, save_pretrained
+
+    if args.src_fmt == "transformers":
+        from qformer.hf_folders import load_transformers_folder
+
+        model = load_transformers_folder(args.source)
+    elif args.src_fmt == "ours":
+        from qformer.checkpoint import load_pretrained
+
+        model = load_pretrained(args.source)
+    else:
+        model = _from_lavis(args, read_state_dict(args.source))
+    tokenizer = None
+    if args.bert:
+        from qformer.bert import load_tokenizer
+
+        tokenizer = load_tokenizer(args.bert)
+    if args.dst_fmt == "ours":
+        save_pretrained(model, args.dest, tokenizer=tokenizer)
+    else:
+        from qformer.hf_folders import export_stage1, export_stage2
+
+        from qformer.blip2 import Blip2Stage1
+
+        if isinstance(model, Blip2Stage1):
+            export_stage1(model, args.dest, tokenizer=tokenizer)
+        else:
+            export_stage2(model, args.dest)
+    print(f"wrote {args.dest}")
+    return 0
+
+
+def _from_lavis(args: argparse.Namespace, state: dict):
+    from qformer.config import Blip2Config
+
+    stage2 = any(k.startswith(("opt_proj.", "t5_proj.")) for k in state)
+    cfg = Blip2Config.preset(args.preset)
+    vision = cfg.vision
+    if args.vision_weights:
+        vision = dataclasses.replace(vision, weights=args.vision_weights)
+    if args.image_size:
+        vision = dataclasses.replace(vision, image_size=args.image_size)
+    has_visual = any(k.startswith("visual_encoder.") for k in state)
+    if not has_visual and not vision.weights:
+        raise ValueError(
+            f"{args.source} holds no image encoder (visual_encoder.*): pass --vision-weights (e.g. eva_vit_g.pth)"
+        )
+    cfg = dataclasses.replace(cfg, vision=vision)
+    if stage2:
+        if not args.llm:
+            raise ValueError(f"{args.source} is a stage-2 file: pass --llm with the language model's folder")
+        llm = dataclasses.replace(cfg.llm, path=args.llm, dtype=args.llm_dtype or cfg.llm.dtype)
+        cfg = dataclasses.replace(cfg, llm=llm)
+        from qformer.stage2 import Blip2Stage2, load_stage2_state
+
+        model = Blip2Stage2(cfg)
+        load_stage2_state(model, state, "lavis", source=args.source)
+    else:
+        from qformer.blip2 import Blip2Stage1, load_stage1_state
+
+        model = Blip2Stage1(cfg)
+        load_stage1_state(model, state, "lavis", source=args.source)
+    return model
+
+
+def _generation_cfg(args: argparse.Namespace, default):
+    changes = {
+        k: v
+        for k, v in (
+            ("num_beams", args.beams),
+            ("max_new_tokens", args.max_new_tokens),
+            ("min_new_tokens", args.min_new_tokens),
+        )
+        if v is not None
+    }
+    if "max_new_tokens" in changes and "min_new_tokens" not in changes:
+        # Asking for shorter output should not trip over the default minimum.
+        changes["min_new_tokens"] = min(default.min_new_tokens, changes["max_new_tokens"])
+    return dataclasses.replace(default, **changes)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from qformer.blip2 import Blip2Stage1
+    from qformer.checkpoint import load_pretrained
+    from qformer.stage2 import CAPTION_GENERATION
+
+    model = load_pretrained(args.checkpoint)
+    images = load_images(args.images, model.cfg.vision.image_size)
+    cfg = _generation_cfg(args, CAPTION_GENERATION)
+    if isinstance(model, Blip2Stage1):
+        tokenizer, _ = _stage1_tokens(args.checkpoint, [""], 8)
+        ids = model.generate(
+            images,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            cfg=cfg,
+        )
+        captions = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    else:
+        captions = model.generate(args.prompt, images=images, cfg=cfg)
+    for path, caption in zip(args.images, captions, strict=True):
+        print(f"{path}\t{caption}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from qformer.checkpoint import load_pretrained
+    from qformer.stage2 import VQA_GENERATION, Blip2Stage2
+
+    model = load_pretrained(args.checkpoint)
+    if not isinstance(model, Blip2Stage2):
+        raise ValueError(f"{args.checkpoint} is a stage-1 model: questions need a stage-2 (LLM) checkpoint")
+    images = load_images([args.image], model.cfg.vision.image_size)
+    answer = model.predict_answers(
+        [args.question], images=images, prompt=args.prompt, cfg=_generation_cfg(args, VQA_GENERATION)
+    )
+    print(answer[0])
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from qformer.blip2 import Blip2Stage1
+    from qformer.checkpoint import load_pretrained
+
+    model = load_pretrained(args.checkpoint)
+    if not isinstance(model, Blip2Stage1):
+        raise ValueError(f"{args.checkpoint}: feature extraction needs a stage-1 checkpoint")
+    images = load_images(args.images, model.cfg.vision.image_size) if args.images else None
+    ids = mask = None
+    if args.text:
+        _, enc = _stage1_tokens(args.checkpoint, args.text, model.cfg.max_text_length)
+        ids, mask = enc.input_ids, enc.attention_mask
+    feats = model.extract_features(images, ids, mask, mode=args.mode)
+    tensors = {k: v.contiguous() for k, v in dataclasses.asdict(feats).items() if v is not None}
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, out)
+    elif out.suffix == ".npy":
+        import numpy as np
+
+        main = {"image": "image_embeds_proj", "text": "text_embeds_proj", "multimodal": "multimodal_embeds"}[args.mode]
+        np.save(out, tensors[main].float().numpy())
+    else:
+        raise ValueError(f"--out must end in .safetensors or .npy, got {out}")
+    print(f"wrote {out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qformer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a LAVIS / transformers / qformer checkpoint")
+    c.add_argument("source", help="a LAVIS .pth file, a transformers folder, or one of our checkpoint folders")
+    c.add_argument("dest", help="output folder")
+    c.add_argument("--from", dest="src_fmt", choices=["lavis", "transformers", "ours"], required=True)
+    c.add_argument("--to", dest="dst_fmt", choices=["ours", "transformers"], default="ours")
+    c.add_argument("--preset", default="paper", help="model shape of a LAVIS file: paper (ViT-g) or paper_vitl")
+    c.add_argument("--llm", help="the language model's folder (LAVIS stage-2 files)")
+    c.add_argument("--llm-dtype", choices=["fp32", "fp16", "bf16"], help="frozen LLM precision (T5: bf16)")
+    c.add_argument("--vision-weights", help="frozen ViT weights when the file has none (eva_vit_g.pth)")
+    c.add_argument("--image-size", type=int, help="image size (e.g. 364 for fine-tuned files)")
+    c.add_argument("--bert", help="BERT folder: its tokenizer (+[DEC]) is saved with a stage-1 checkpoint")
+    c.set_defaults(func=cmd_convert)
+
+    def decoding(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, help="one of our checkpoint folders")
+        p.add_argument("--beams", type=int)
+        p.add_argument("--max-new-tokens", type=int)
+        p.add_argument("--min-new-tokens", type=int)
+
+    p = sub.add_parser("caption", help="caption image files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--prompt", default="", help="text the caption continues (stage 2), e.g. 'a photo of'")
+    decoding(p)
+    p.set_defaults(func=cmd_caption)
+
+    a = sub.add_parser("ask", help="answer a question about an image (zero-shot VQA)")
+    a.add_argument("image")
+    a.add_argument("question")
+    a.add_argument("--prompt", default="Question: {} Short answer:", help="template; {} is the question")
+    decoding(a)
+    a.set_defaults(func=cmd_ask)
+
+    f = sub.add_parser("features", help="extract image / text / multimodal features to a file")
+    f.add_argument("images", nargs="*")
+    f.add_argument("--text", action="append", help="a text (repeat for several)")
+    f.add_argument("--mode", choices=["image", "text", "multimodal"], default="image")
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--out", required=True, help="a .safetensors (every feature) or .npy (the projected one) file")
+    f.set_defaults(func=cmd_features)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # bad input: say what and where, no traceback
+        print(f"qformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
