@@ -1,0 +1,50 @@
+"""Image transforms of BLIP-2 (LAVIS `Blip2ImageTrainProcessor` / `BlipImageEvalProcessor`).
+
+Train: RandomResizedCrop(size, scale=(0.5, 1.0), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize.
+Eval: Resize((size, size), bicubic) -> ToTensor -> Normalize. Both take an RGB PIL image and return a float
+tensor `[3, size, size]` normalized with the CLIP mean/std. The randomness of the train transform comes from
+torch's global generator (torchvision v1 transforms), which DataLoader seeds per worker.
+"""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "eval_transform", "train_transform"]
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def train_transform(
+    size: int = 224,
+    min_scale: float = 0.5,
+    max_scale: float = 1.0,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> T.Compose:
+    """Random crop covering `min_scale`..`max_scale` of the area, resized to `size` (bicubic), random flip."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(min_scale, max_scale), interpolation=InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transform(
+    size: int = 224,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> T.Compose:
+    """Deterministic square resize to `size` x `size` (bicubic, aspect ratio not kept, as in LAVIS)."""
+    return T.Compose(
+        [
+            T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
