@@ -78,9 +78,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.dst_fmt == "ours":
         save_pretrained(model, args.dest, tokenizer=tokenizer)
     else:
-        from qformer.hf_folders import export_stage1, export_stage2
-
         from qformer.blip2 import Blip2Stage1
+        from qformer.hf_folders import export_stage1, export_stage2
 
         if isinstance(model, Blip2Stage1):
             export_stage1(model, args.dest, tokenizer=tokenizer)
@@ -258,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint", required=True)
     f.add_argument("--out", required=True, help="a .safetensors (every feature) or .npy (the projected one) file")
     f.set_defaults(func=cmd_features)
+
+    t = sub.add_parser("train", help="train stage 1 or 2 from a YAML config (same as python -m tasks.train)")
+    t.add_argument("config", help="a YAML run config, e.g. configs/stage1_vitg.yaml")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-5 data.batch_size=64")
+    t.set_defaults(func=lambda a: __import__("tasks.train", fromlist=["main"]).main([a.config, *a.overrides]))
     return parser
 
 

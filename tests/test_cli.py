@@ -30,7 +30,7 @@ def tiny_bert_tokenizer_folder(path):
     vocab += [f"w{i}" for i in range(99 - len(vocab))]
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizerFast.from_pretrained(str(path)).save_pretrained(path)  # reads vocab.txt
     return path
 
 

@@ -1,0 +1,119 @@
+"""Run configs: YAML validated against dataclasses (OmegaConf structured configs), with `key=value` overrides.
+
+A run YAML names a model preset and overrides any of its fields:
+
+    stage: stage1
+    model_preset: paper            # Blip2Config.preset(...): every field below `model:` overrides it
+    model:
+      vision: {weights: /models/eva_vit_g.pth}
+    bert: /models/bert-base-uncased
+    data: {datasets: [{ann_paths: [/data/coco/train.json], image_root: /data/coco}], batch_size: 100}
+    optim: {lr: 1e-4, total_steps: 250000}
+
+An unknown key or a value of the wrong type is an error that names it, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qformer.config import Blip2Config
+
+
+@dataclass
+class DatasetConfig:
+    """One source of image-text pairs: caption JSON files (+ image root) or webdataset shards."""
+
+    ann_paths: list[str] = field(default_factory=list)  # JSON lists of {"image", "caption", "image_id"}
+    image_root: str = ""
+    shards: str = ""  # webdataset tar shards, brace notation: /data/laion/{00000..00999}.tar
+    ratio: float = 1.0  # sampling weight when several datasets are mixed
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    batch_size: int = 100  # per GPU (per process)
+    num_workers: int = 4
+    max_skip_fraction: float = 0.05  # stop with an error once more bad images than this have been skipped
+    min_samples_before_check: int = 1000
+    max_words: int = 50
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak
+    min_lr: float = 1e-5  # the cosine ends here
+    warmup_lr: float = 1e-6  # the linear warmup starts here
+    warmup_steps: int = 2000
+    total_steps: int = 250_000
+    weight_decay: float = 0.05  # not on biases, norms or 1-D parameters
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
+    # Fine-tuning with the ViT unfrozen: block i of D gets lr * layer_decay ** (D - i) (the reference's
+    # `lr_layer_decay` is silently ignored; ours takes effect). 1.0 = off.
+    layer_decay: float = 1.0
+    vit_lr_scale: float = 1.0  # an extra factor for every ViT parameter
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "stage1"  # stage1 | stage2
+    model_preset: str = "paper"
+    model: Blip2Config = field(default_factory=Blip2Config)
+    bert: str = ""  # BERT folder: initialises the Q-Former text side (stage 1) and gives the tokenizer
+    init_from: str = ""  # stage 2: a stage-1 checkpoint folder (ours) to start the query path from
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = MISSING
+    precision: str = "bf16"  # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32
+    seed: int = 42
+    save_every: int = 5000  # steps between checkpoints (and one at the end)
+    keep_last: int = 3
+    log_every: int = 50
+    resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | a checkpoint folder
+    vit_grad_checkpointing: bool = False
+    use_image_ids: bool = False  # ITC/ITM treat every pair of the same image as positive (retrieval fine-tuning)
+    tensorboard: bool = True
+    crash_at_step: int = 0  # fault injection for resume tests: SIGKILL this process after that step
+    log_sample_ids: bool = False  # each rank writes the image ids of every step to samples_rankR.jsonl
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("stage1", "stage2"):
+            raise ValueError(f"stage must be stage1 or stage2, got {self.stage!r}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.optim.grad_accum < 1 or self.optim.total_steps < 1:
+            raise ValueError("optim.grad_accum and optim.total_steps must be >= 1")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A validated TrainConfig from a YAML file plus `key=value` overrides (the YAML may be None)."""
+    try:
+        raw = OmegaConf.load(path) if path else OmegaConf.create({})
+        cli = OmegaConf.from_dotlist(list(overrides))
+        preset = cli.get("model_preset", raw.get("model_preset", "paper"))
+        schema = OmegaConf.structured(TrainConfig(model=Blip2Config.preset(preset), model_preset=preset))
+        merged = OmegaConf.merge(schema, raw, cli)
+        return OmegaConf.to_object(merged)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except OmegaConfBaseException as e:
+        # OmegaConf names the key (full path) and the offending value/type; keep that, drop its traceback.
+        raise ConfigError(f"{path or 'config'}: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})") from e
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,169 @@
+"""The real training entry point on tiny data written here: stage 1 then stage 2, exact resume after SIGKILL,
+torchrun with 2 CPU processes, bad images, and config errors. Runs are subprocesses, as a user starts them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from tests.llm_helpers import tiny_opt_folder
+from tests.train_helpers import caption_dataset, read_log, tiny_bert_folder, tiny_stage1_config, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def train(config: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "tasks.train", str(config), *overrides], check=check)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("assets")
+    return {"bert": tiny_bert_folder(tmp / "bert"), "ann": caption_dataset(tmp / "data", n=24), "tmp": tmp}
+
+
+def falls(log: list[dict]) -> bool:
+    first = sum(r["loss"] for r in log[:3]) / 3
+    last = sum(r["loss"] for r in log[-3:]) / 3
+    return last < first - 0.05
+
+
+def test_stage1_then_stage2_from_its_checkpoint(assets, tmp_path):
+    out1 = tmp_path / "stage1"
+    cfg = write_config(
+        tmp_path / "s1.yaml", **tiny_stage1_config(tmp_path, assets["ann"], out1, assets["bert"], save_every=100)
+    )
+    train(cfg)
+    log = read_log(out1)
+    assert [r["step"] for r in log] == list(range(1, 13)) and falls(log), log
+    assert {"loss_itc", "loss_itm", "loss_itg", "lr", "samples_per_s"} <= log[0].keys()
+    assert (out1 / "final" / "model.safetensors").is_file() and (out1 / "final" / "tokenizer").is_dir()
+
+    opt = tiny_opt_folder(tmp_path / "opt")
+    out2 = tmp_path / "stage2"
+    s2 = tiny_stage1_config(
+        tmp_path, assets["ann"], out2, assets["bert"], save_every=100, init_from=str(out1 / "final")
+    )
+    s2.update(stage="stage2", bert="")
+    s2["model"]["llm"] = {"path": str(opt), "dtype": "fp32"}
+    train(write_config(tmp_path / "s2.yaml", **s2))
+    log2 = read_log(out2)
+    assert len(log2) == 12 and falls(log2), log2
+    # stage 2 really started from stage 1's query path
+    s1 = load_file(out1 / "final" / "model.safetensors")
+    s2_init = load_file(out2 / "checkpoints" / "ckpt-00000012" / "trainable.safetensors")
+    assert (
+        "qformer.query_tokens" in s2_init and s2_init["qformer.query_tokens"].shape == s1["qformer.query_tokens"].shape
+    )
+
+
+def test_webdataset_shards_train(assets, tmp_path):
+    import webdataset as wds
+
+    anns = json.loads(assets["ann"].read_text())
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with wds.TarWriter(str(shards / f"{s:05d}.tar")) as sink:
+            for i, ann in enumerate(anns[s::2]):
+                jpg = (assets["ann"].parent / ann["image"]).read_bytes()
+                sink.write({"__key__": f"{s}_{i:04d}", "jpg": jpg, "txt": ann["caption"]})
+    out = tmp_path / "run"
+    cfg = tiny_stage1_config(tmp_path, assets["ann"], out, assets["bert"], save_every=100)
+    cfg["data"]["datasets"] = [{"shards": str(shards / "{00000..00001}.tar")}]
+    train(write_config(tmp_path / "wds.yaml", **cfg))
+    log = read_log(out)
+    assert len(log) == 12 and falls(log), log
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
+    base = tiny_stage1_config(tmp_path, assets["ann"], tmp_path / "x", assets["bert"], save_every=4)
+    base["data"]["num_workers"] = 2  # augmentation in worker processes must replay exactly too
+    base["model"]["qformer"] = {"hidden_dropout": 0.1, "attention_dropout": 0.1}  # and dropout masks
+    cfg = write_config(tmp_path / "c.yaml", **base)
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train(cfg, f"output_dir={full}")
+    proc = train(cfg, f"output_dir={crashed}", "crash_at_step=10", check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # really SIGKILLed, after the step-8 checkpoint
+    assert max(r["step"] for r in read_log(crashed)) == 10
+    # A checkpoint damaged on disk (as a crash mid-write leaves it) is detected and the previous one used.
+    newest = crashed / "checkpoints" / "ckpt-00000008" / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    proc = train(cfg, f"output_dir={crashed}")
+    assert "ckpt-00000008 is not usable" in proc.stderr and "resumed from" in proc.stderr
+    assert "ckpt-00000004" in proc.stderr.split("resumed from")[1].splitlines()[0]
+
+    a, b = read_log(full), read_log(crashed)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    wa = load_file(full / "final" / "model.safetensors")
+    wb = load_file(crashed / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_torchrun_two_processes_see_disjoint_data(assets, tmp_path):
+    out = tmp_path / "ddp"
+    cfg = tiny_stage1_config(tmp_path, assets["ann"], out, assets["bert"], save_every=100, log_sample_ids=True)
+    cfg["optim"]["total_steps"] = 4
+    cfg["data"]["batch_size"] = 3
+    config = write_config(tmp_path / "ddp.yaml", **cfg)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
+    run([*torchrun, "-m", "tasks.train", str(config)])
+    seen = {}
+    for r in range(2):
+        rows = [json.loads(line) for line in (out / f"samples_rank{r}.jsonl").read_text().splitlines()]
+        seen[r] = [rows[i]["image_id"] for i in range(len(rows)) if rows[i]["step"] <= 4]
+    for step in range(4):
+        assert not set(seen[0][step]) & set(seen[1][step]), (step, seen)
+    epoch0 = [i for r in range(2) for step in seen[r][: 24 // 6] for i in step]
+    assert len(epoch0) == len(set(epoch0))  # within an epoch no sample is used twice across ranks
+    assert len(read_log(out)) == 4 and torch.isfinite(torch.tensor(read_log(out)[-1]["loss"]))
+
+
+def test_bad_images_are_skipped_counted_and_named(assets, tmp_path):
+    data = tmp_path / "bad"
+    ann = caption_dataset(data, n=20, corrupt=1, missing=1)
+    out = tmp_path / "run"
+    cfg = tiny_stage1_config(tmp_path, ann, out, assets["bert"], save_every=100)
+    cfg["optim"]["total_steps"] = 5  # one epoch of 20 samples
+    train(write_config(tmp_path / "bad.yaml", **cfg))
+    report = json.loads((out / "skipped_rank0.json").read_text())
+    assert sorted(Path(p).name for p in report["skipped_paths"]) == ["000.jpg", "001.jpg"]
+    assert read_log(out)[-1]["skipped_samples"] == 2
+
+    strict = tiny_stage1_config(tmp_path, ann, tmp_path / "strict", assets["bert"])
+    strict["data"].update(max_skip_fraction=0.01, min_samples_before_check=4)
+    proc = train(write_config(tmp_path / "strict.yaml", **strict), check=False)
+    assert proc.returncode != 0 and "0.01" in proc.stderr and "000.jpg" in proc.stderr
+
+
+def test_unknown_config_key_fails_before_any_work(assets, tmp_path):
+    cfg = tiny_stage1_config(tmp_path, assets["ann"], tmp_path / "never", assets["bert"])
+    cfg["optim"]["learning_rate"] = 1e-4
+    proc = train(write_config(tmp_path / "typo.yaml", **cfg), check=False)
+    assert proc.returncode == 2 and "learning_rate" in proc.stderr
+    assert not (tmp_path / "never").exists()
+    proc = train(
+        write_config(tmp_path / "ok.yaml", **{**cfg, "optim": {"lr": 1e-4}}), "data.batch_size=four", check=False
+    )
+    assert proc.returncode == 2 and "data.batch_size" in proc.stderr
