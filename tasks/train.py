@@ -69,18 +69,38 @@ def build_model(cfg: TrainConfig):
                 f"has {len(tokenizer)} entries ([DEC] included)"
             )
         model = Blip2Stage1(cfg.model)
-        init_from_bert(model.qformer, cfg.bert)
+        if cfg.init_from:  # fine-tuning: start from a stage-1 checkpoint of ours rather than from BERT
+            _load_same_stage(model, cfg.init_from)
+        else:
+            init_from_bert(model.qformer, cfg.bert)
         return model, tokenizer
     from qformer.stage2 import Blip2Stage2, init_from_stage1
 
     model = Blip2Stage2(cfg.model)
     if cfg.init_from:
-        from qformer.checkpoint import WEIGHTS_NAME, read_state_dict
+        from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_state_dict
 
-        init_from_stage1(model, read_state_dict(Path(cfg.init_from) / WEIGHTS_NAME), source=cfg.init_from)
+        stage = json.loads((Path(cfg.init_from) / CONFIG_NAME).read_text())["stage"]
+        if stage == "stage2":  # fine-tuning a stage-2 model (e.g. COCO captioning)
+            _load_same_stage(model, cfg.init_from)
+        else:
+            init_from_stage1(model, read_state_dict(Path(cfg.init_from) / WEIGHTS_NAME), source=cfg.init_from)
     else:
         logger.warning("stage 2 without init_from: the Q-Former starts from its random initialisation")
     return model, model.tokenizer
+
+
+def _load_same_stage(model: nn.Module, folder: str) -> None:
+    """Every weight of a checkpoint of the same stage, strictly; the frozen ViT and LLM come from their own files
+    (so a ViT at another image size, e.g. 364 px fine-tuning, is resampled from `model.vision.weights`)."""
+    from qformer.checkpoint import WEIGHTS_NAME, read_state_dict
+    from qformer.convert import check_state_dict
+
+    state = read_state_dict(Path(folder) / WEIGHTS_NAME)
+    state = {k: v for k, v in state.items() if not k.startswith(("visual.", "llm."))}
+    check_state_dict(model, state, source=folder, allowed_missing=["visual.", "llm."])
+    model.load_state_dict(state, strict=False)
+    logger.info("initialised from %s (%d tensors)", folder, len(state))
 
 
 def freeze_redundant(model: nn.Module) -> None:
