@@ -147,3 +147,22 @@ def gather_rows(x_local: Tensor, index: Tensor) -> Tensor:
         )
     # Undo the sort: rows_in[k] answers request order[k].
     return rows_in[torch.argsort(order)]
+
+
+def all_gather_variable(x: Tensor) -> Tensor:
+    """Concatenate every rank's `x` along dim 0 when the ranks hold different numbers of rows (no autograd).
+
+    Rows are padded to the largest count for the collective and trimmed after, in rank order.
+    """
+    if not is_distributed() or get_world_size() == 1:
+        return x.detach()
+    world = get_world_size()
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])

@@ -91,7 +91,15 @@ class Attention(nn.Module):
         context: Tensor | None = None,  # [B, N, E] for cross-attention; None for self-attention
         mask: Tensor | None = None,  # additive, broadcastable to [B, H, L, P + L] (or [B, H, L, N])
         past: tuple[Tensor, Tensor] | None = None,  # cached self-attention keys/values [B, H, P, d]
+        context_kv: tuple[Tensor, Tensor] | None = None,  # precomputed cross-attention keys/values [B, H, N, d]
     ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        if context_kv is not None:
+            q = self._split_heads(self.q(x))
+            k, v = (t.to(q.dtype) for t in context_kv)
+            dropout = self.dropout_p if self.training else 0.0
+            mask = None if mask is None else mask.to(q.dtype)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).transpose(1, 2).flatten(2)
+            return self.norm(x + self.drop(self.out(a))), None
         if context is not None and self._absorb(x.shape[1], context.shape[1]):
             a = self._attend_absorbed(x, context, mask)  # [B, L, D]
             return self.norm(x + self.drop(self.out(a))), None
@@ -108,6 +116,9 @@ class Attention(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # [B, H, L, d]
         a = a.transpose(1, 2).flatten(2)  # [B, L, D]
         return self.norm(x + self.drop(self.out(a))), (k, v)
+
+    def context_keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:  # [B, N, E] -> 2 x [B, H, N, d]
+        return self._split_heads(self.k(context)), self._split_heads(self.v(context))
 
     def _absorb(self, length: int, context_length: int) -> bool:
         if self.impl != "auto":
@@ -175,13 +186,14 @@ class QFormerLayer(nn.Module):
         image_embeds: Tensor | None,  # [B, N, E]
         image_mask: Tensor | None,
         past: tuple[Tensor, Tensor] | None,
+        image_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         x, kv = self.self_attn(x, mask=self_mask, past=past)
         if query_length == 0:
             return self.ffn_text(x), kv
         queries = x[:, :query_length]  # [B, Q, D]
         if self.cross_attn is not None:
-            queries, _ = self.cross_attn(queries, context=image_embeds, mask=image_mask)
+            queries, _ = self.cross_attn(queries, context=image_embeds, mask=image_mask, context_kv=image_kv)
         queries = self.ffn_query(queries)
         if x.shape[1] == query_length:
             return queries, kv
@@ -273,18 +285,25 @@ class QFormer(nn.Module):
         *,
         causal: bool = False,
         use_cache: bool = False,
+        image_kv: list[tuple[Tensor, Tensor] | None] | None = None,
     ) -> QFormerOutput:
-        """One pass over `[queries; text]`; queries are present exactly when `image_embeds` is given.
+        """One pass over `[queries; text]`; queries are present exactly when image input is given.
 
+        image_kv: instead of `image_embeds`, every cross-attention layer's keys/values (`image_keys_values`),
+        batch-aligned with the text: an image scored against many texts (retrieval re-ranking) forms them once.
         Returns hidden states `[B, L, D]` and, with `use_cache`, every layer's self-attention keys/values
         (for an image-only pass: the query cache that ITG and captioning decode against).
         """
-        if input_ids is None and image_embeds is None:
-            raise ValueError("QFormer.forward needs image_embeds, input_ids, or both")
+        has_image = image_embeds is not None or image_kv is not None
+        if input_ids is None and not has_image:
+            raise ValueError("QFormer.forward needs image_embeds (or image_kv), input_ids, or both")
+        if image_embeds is not None and image_kv is not None:
+            raise ValueError("pass image_embeds or image_kv, not both")
         self._check_text(input_ids)
         queries = None
-        if image_embeds is not None:
-            queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [B, Q, D]
+        if has_image:
+            batch = image_embeds.shape[0] if image_embeds is not None else next(kv for kv in image_kv if kv)[0].shape[0]
+            queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, D]
         x = self.embeddings(queries, input_ids)  # [B, L, D]
         if image_embeds is not None:
             image_embeds = image_embeds.to(x.dtype)  # a frozen half-precision ViT feeds an fp32 Q-Former
@@ -300,7 +319,15 @@ class QFormer(nn.Module):
             device=x.device,
         )
         image_mask = cross_attention_mask(image_mask, dtype=x.dtype)
-        return self._run_layers(x, query_length, mask, image_embeds, image_mask, None, use_cache)
+        return self._run_layers(x, query_length, mask, image_embeds, image_mask, None, use_cache, image_kv)
+
+    def image_keys_values(self, image_embeds: Tensor) -> list[tuple[Tensor, Tensor] | None]:
+        """Every layer's cross-attention keys/values `[B, H, N, d]` (None where a layer has no cross-attention)."""
+        image_embeds = image_embeds.to(self.query_tokens.dtype)
+        return [
+            None if layer.cross_attn is None else layer.cross_attn.context_keys_values(image_embeds)
+            for layer in self.layers
+        ]
 
     def decode(
         self,
@@ -336,13 +363,15 @@ class QFormer(nn.Module):
         image_mask: Tensor | None,
         cache: KVCache | None,
         use_cache: bool,
+        image_kv: list[tuple[Tensor, Tensor] | None] | None = None,
     ) -> QFormerOutput:
-        if query_length and image_embeds is None:
+        if query_length and image_embeds is None and image_kv is None:
             raise ValueError("query positions need image_embeds for cross-attention")
         new_layers = []
         for i, layer in enumerate(self.layers):
             past = None if cache is None else cache.layers[i]
-            x, kv = layer(x, query_length, mask, image_embeds, image_mask, past)
+            kv_i = None if image_kv is None else image_kv[i]
+            x, kv = layer(x, query_length, mask, image_embeds, image_mask, past, kv_i)
             if use_cache:
                 new_layers.append(kv)
         query_cache_length = query_length if cache is None else cache.query_length

@@ -258,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="a .safetensors (every feature) or .npy (the projected one) file")
     f.set_defaults(func=cmd_features)
 
+    e = sub.add_parser("eval", help="evaluate: retrieval, zero-shot VQA / GQA, captioning (configs/eval/*.yaml)")
+    e.add_argument("config", help="an eval YAML, e.g. configs/eval/retrieval_coco.yaml")
+    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. checkpoint=runs/x/final k_test=64")
+    e.set_defaults(func=lambda a: __import__("tasks.evaluate", fromlist=["main"]).main([a.config, *a.overrides]))
+
     t = sub.add_parser("train", help="train stage 1 or 2 from a YAML config (same as python -m tasks.train)")
     t.add_argument("config", help="a YAML run config, e.g. configs/stage1_vitg.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-5 data.batch_size=64")

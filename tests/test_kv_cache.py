@@ -58,3 +58,17 @@ def test_itg_gradients_reach_the_queries_through_the_cache():
     assert model.query_tokens.grad is not None and model.query_tokens.grad.abs().sum() > 0
     cross = model.layers[0].cross_attn
     assert cross.k.weight.grad is not None and cross.k.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["direct", "absorbed"])
+def test_precomputed_image_keys_values_equal_image_embeds(impl):
+    """Retrieval re-ranking forms an image's cross-attention keys/values once for all its candidate texts."""
+    model = tiny_qformer(cross_attention_impl=impl)
+    ids, mask = padded_text(3, 6, [6, 4, 2], model.cfg.vocab_size)
+    image = torch.randn(1, 5, model.cfg.encoder_width)
+    kv = model.image_keys_values(image)
+    assert kv[1] is None and kv[0][0].shape == (1, model.cfg.num_heads, 5, model.cfg.head_dim)
+    shared = [None if t is None else (t[0].expand(3, -1, -1, -1), t[1].expand(3, -1, -1, -1)) for t in kv]
+    got = model(ids, mask, image_kv=shared).hidden
+    expected = model(ids, mask, image_embeds=image.expand(3, -1, -1)).hidden
+    assert_close(got, expected, atol=1e-5, rtol=0)

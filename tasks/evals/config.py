@@ -1,0 +1,65 @@
+"""Evaluation run configs (`qformer eval CONFIG [key=value ...]`), validated like the training configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tasks.config import ConfigError
+
+TASKS = ("retrieval", "vqa", "gqa", "caption")
+
+
+@dataclass
+class EvalConfig:
+    task: str = MISSING  # retrieval | vqa | gqa | caption
+    checkpoint: str = MISSING  # one of our checkpoint folders (`qformer convert` makes one from LAVIS/transformers)
+    output_dir: str = MISSING
+    # Data. Retrieval / caption: a LAVIS-style JSON list ({"image", "caption": [...], "image_id"?}: COCO Karpathy
+    # test, Flickr30k test, NoCaps val) under image_root. VQA: the official questions + annotations JSON files with
+    # images named by image_pattern under image_root. GQA: the balanced test-dev questions JSON.
+    ann_path: str = ""
+    image_root: str = ""
+    questions: str = ""
+    annotations: str = ""  # VQA annotations; for captioning, COCO-format ground truth (made from ann_path if empty)
+    image_pattern: str = "COCO_val2014_{image_id:012d}.jpg"
+    image_size: int = 0  # 0: the checkpoint's
+    batch_size: int = 32
+    num_workers: int = 4
+    precision: str = "bf16"  # autocast dtype on a GPU; CPUs run fp32
+    limit: int = 0  # evaluate the first N images/questions only (0 = all)
+    # Retrieval: ITC for every pair, then ITM re-ranks the top k_test candidates of every image and every text.
+    k_test: int = 128
+    score: str = "itm+itc"  # itm+itc (the reference) | itm | itc
+    max_text_length: int = 35
+    # Generation (VQA / captioning).
+    prompt: str = "Question: {} Short answer:"
+    num_beams: int = 5
+    max_new_tokens: int = 10
+    min_new_tokens: int = 1
+    length_penalty: float = -1.0
+    vqa_eval_version: str = "lavis"  # lavis (pre-2021 fix, BLIP-2's published val numbers) | official
+    report_samples: int = 24  # examples shown in the HTML report
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.score not in ("itm+itc", "itm", "itc"):
+            raise ValueError(f"score must be itm+itc, itm or itc, got {self.score!r}")
+        if self.vqa_eval_version not in ("lavis", "official"):
+            raise ValueError(f"vqa_eval_version must be lavis or official, got {self.vqa_eval_version!r}")
+
+
+def load_eval_config(path: str | None, overrides: list[str] = ()) -> EvalConfig:
+    try:
+        raw = OmegaConf.load(path) if path else OmegaConf.create({})
+        merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), raw, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path or 'config'}: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})") from e
+    except ValueError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from e

@@ -1,0 +1,79 @@
+"""`qformer eval CONFIG [key=value ...]` (or `python -m tasks.evaluate`): retrieval, zero-shot VQA / GQA, captioning.
+
+Runs as plain python or under torchrun (the work is split across ranks, results merged on rank 0). Writes
+`metrics.json`, the per-query results and an HTML report to `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tasks.config import ConfigError
+from tasks.evals.config import EvalConfig, load_eval_config
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from qformer.blip2 import Blip2Stage1
+    from qformer.checkpoint import load_pretrained, load_tokenizer_from
+    from tasks.train import setup_distributed
+
+    device = setup_distributed()
+    model = load_pretrained(cfg.checkpoint).to(device)
+    if cfg.image_size and cfg.image_size != model.cfg.vision.image_size:
+        raise ValueError(
+            f"image_size={cfg.image_size} but {cfg.checkpoint} was built for {model.cfg.vision.image_size} px: "
+            "convert or fine-tune the checkpoint at that size"
+        )
+    try:
+        if cfg.task == "retrieval":
+            from tasks.evals.retrieval import evaluate_retrieval
+
+            if not isinstance(model, Blip2Stage1):
+                raise ValueError(f"{cfg.checkpoint}: retrieval needs a stage-1 checkpoint (ITC and ITM heads)")
+            tokenizer = load_tokenizer_from(cfg.checkpoint)
+            if tokenizer is None:
+                raise ValueError(f"{cfg.checkpoint} has no tokenizer/ folder (convert it with --bert)")
+            metrics = evaluate_retrieval(model, tokenizer, cfg, device)
+        elif cfg.task in ("vqa", "gqa"):
+            from tasks.evals.vqa import evaluate_vqa
+
+            metrics = evaluate_vqa(model, cfg, device)
+        else:
+            from tasks.evals.caption import evaluate_caption
+
+            metrics = evaluate_caption(model, cfg, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, overrides = (argv[0], argv[1:]) if "=" not in argv[0] else (None, argv)
+    try:
+        cfg = load_eval_config(config, overrides)
+    except ConfigError as e:
+        print(f"qformer eval: error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    metrics = evaluate(cfg)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))
+    print(f"results in {Path(cfg.output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
