@@ -147,6 +147,13 @@ class VisionConfig:
     grad_checkpointing: bool = False
     weights: str | None = None  # a local file: LAVIS .pth, transformers folder/safetensors, or timm state dict
     weights_format: str = "auto"  # auto | lavis | transformers | timm
+    # Shape overrides for the built-in families (0 keeps the arch's value): a small EVA- or CLIP-style ViT of your
+    # own, e.g. arch "tiny" with width 96, depth 4, patch_size 8 at image_size 64.
+    width_override: int = 0
+    depth_override: int = 0
+    heads_override: int = 0
+    mlp_override: int = 0
+    patch_size_override: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in VISION_WIDTHS and not self.arch.startswith("timm:"):
@@ -165,6 +172,8 @@ class VisionConfig:
     @property
     def width(self) -> int | None:
         """Token width for built-in archs; None for timm models (known once built)."""
+        if self.width_override and self.arch in VISION_WIDTHS:
+            return self.width_override
         return VISION_WIDTHS.get(self.arch)
 
 

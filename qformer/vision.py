@@ -21,6 +21,7 @@ when the file's grid differs from the configured image size (e.g. 224 px weights
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -120,9 +121,29 @@ class VisionEncoder(nn.Module):
             return self.model.forward_features(images)
 
 
+def arch_spec(cfg: VisionConfig) -> ArchSpec | None:
+    """The built-in shape of `cfg.arch` with the config's overrides applied (None for timm:* archs)."""
+    spec = ARCHS.get(cfg.arch)
+    if spec is None:
+        return None
+    changes = {
+        name: value
+        for name, value in (
+            ("width", cfg.width_override),
+            ("num_heads", cfg.heads_override),
+            ("mlp_hidden", cfg.mlp_override),
+            ("patch_size", cfg.patch_size_override),
+        )
+        if value
+    }
+    if cfg.depth_override:
+        changes.update(depth=cfg.depth_override, file_depth=cfg.depth_override)
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
 def _build_trunk(cfg: VisionConfig) -> tuple[nn.Module, str, int | None]:
     """The timm module for `cfg` (fp32, on the current default device): (module, family, file depth)."""
-    spec = ARCHS.get(cfg.arch)
+    spec = arch_spec(cfg)
     if spec is None:
         return _build_timm_trunk(cfg), "generic", None
     if cfg.image_size % spec.patch_size:
@@ -217,8 +238,8 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
 
 def vision_width(cfg: VisionConfig) -> int:
     """Token width E of `cfg`'s encoder; timm models are built on the meta device to read it (no memory, no weights)."""
-    if cfg.arch in VISION_WIDTHS:
-        return VISION_WIDTHS[cfg.arch]
+    if cfg.width is not None:
+        return cfg.width
     with torch.device("meta"):
         model, _, _ = _build_trunk(cfg)
     return int(getattr(model, "embed_dim", None) or model.num_features)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import pytest
@@ -351,3 +352,29 @@ def test_timm_model_without_final_norm_and_its_state_dict():
     x = images(size=32)
     with torch.no_grad():
         assert_close(encoder(x), full.forward_features(x), atol=0, rtol=0)
+
+
+def test_shape_overrides_build_a_small_vit_of_your_own(tmp_path):
+    """A small EVA-style ViT by shape (e.g. 64 px, patch 8, width 96, depth 4), through the same code path."""
+    from qformer.config import Blip2Config, QFormerConfig
+
+    cfg = VisionConfig(
+        arch="tiny",
+        image_size=64,
+        precision="fp32",
+        width_override=96,
+        depth_override=4,
+        heads_override=4,
+        mlp_override=192,
+        patch_size_override=8,
+    )
+    encoder = build_vision_encoder(cfg)
+    assert (encoder.width, encoder.depth, encoder.num_tokens()) == (96, 4, 65) and vision_width(cfg) == 96
+    out = encoder(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 65, 96)
+    path = tmp_path / "vit.pth"
+    torch.save(encoder.model.state_dict(), path)  # a timm state dict
+    again = build_vision_encoder(dataclasses.replace(cfg, weights=str(path)))
+    torch.testing.assert_close(again(torch.ones(1, 3, 64, 64)), encoder(torch.ones(1, 3, 64, 64)))
+    with pytest.raises(ValueError, match="encoder_width"):
+        Blip2Config(vision=cfg, qformer=QFormerConfig.preset("tiny"))  # 48 wide: does not fit 96
