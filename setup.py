@@ -25,6 +25,9 @@ setup(
         "numpy",
         "webdataset>=1.0,<2",
         "tensorboard",
+        "pycocotools",
+        "pycocoevalcap",  # BLEU, METEOR, ROUGE-L, CIDEr (METEOR and the PTB tokenizer need Java)
+        "matplotlib",
     ],
     extras_require={"dev": ["pytest", "ruff"]},
     entry_points={"console_scripts": ["qformer=tasks.cli:main"]},

@@ -1,0 +1,448 @@
+"""Zero-shot VQA evaluation: VQAv2 and OK-VQA (task "vqa") and GQA (task "gqa"), DESIGN.md section 9.
+
+    1. Every rank reads the questions; rank 0 also reads the ground truth and checks that every question has one,
+       before any generation starts.
+    2. Rank r answers questions r, r + W, r + 2W, ... (W = world size) in batches, with
+       `Blip2Stage2.predict_answers` (prompt and beam-search settings from the config). Each question is first
+       cleaned as LAVIS's `blip_question` processor does (`tasks.data.text.clean_question`: lower-case, delete
+       . ! " ( ) * # : ; ~), then put in the prompt.
+    3. The answers are gathered into one dict keyed by question id; an id answered twice is an error, so nothing
+       is counted twice (unlike a padded DistributedSampler).
+    4. Rank 0 writes `results.json` (`[{"question_id", "answer"}]` sorted by question id: the official results
+       format), `metrics.json` and `report.html`; every rank returns the same metrics.
+
+Inputs:
+    VQAv2 / OK-VQA: the official questions JSON (`{"questions": [{"image_id", "question", "question_id"}]}`) and
+    annotations JSON (`{"annotations": [{"question_id", "answers": [{"answer"} x 10], "answer_type",
+    "question_type", ...}]}`); images are `image_root / image_pattern.format(image_id=...)`. Without annotations
+    (VQAv2 test-dev) only `results.json` is made, for the evaluation server.
+    GQA: the balanced questions JSON (`{question_id: {"imageId", "question", "answer", ...}}`, images
+    `image_root / f"{imageId}.jpg"`), or LAVIS's list form (`[{"question_id", "image", "question", "answer"}]`).
+
+An image that cannot be read stops the evaluation with an error naming the file (on every rank: a failure on one
+rank is reported to all of them instead of leaving them waiting in a collective).
+
+The helpers under "Shared by the generation evaluators" are used by `tasks.evals.caption` too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from qformer.caption import GenerationConfig
+from qformer.dist import get_rank, get_world_size, is_distributed
+from qformer.stage2 import Blip2Stage2
+from tasks.data.captions import load_image
+from tasks.data.text import clean_question
+from tasks.data.transforms import eval_transform
+from tasks.evals.config import EvalConfig
+from tasks.evals.metrics import gqa_accuracy, normalize_gqa_prediction, vqa_metrics
+from tasks.evals.report import VQASample, sample_indices, vqa_report
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Question",
+    "evaluate_vqa",
+    "load_gqa_questions",
+    "load_vqa_annotations",
+    "load_vqa_questions",
+]
+
+T = TypeVar("T")
+RESULTS_NAME = "results.json"
+METRICS_NAME = "metrics.json"
+REPORT_NAME = "report.html"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared by the generation evaluators (VQA and captioning)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ImageReadError(OSError):
+    """An evaluation image is missing or cannot be decoded; the message names the file."""
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The parsed JSON file at `path`; a missing, unreadable or invalid file is an error naming it and `what`."""
+    if not path:
+        raise ValueError(f"no {what} given (empty path in the config)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as JSON through a temporary file, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    tmp.replace(path)
+    return path
+
+
+def sort_key(key: Hashable) -> tuple:
+    """Order ids numerically when they are numbers (or digit strings, as GQA's), then as strings."""
+    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+        return (0, int(key), str(key))
+    return (1, 0, str(key))
+
+
+def generation_config(cfg: EvalConfig) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        num_beams=cfg.num_beams,
+        length_penalty=cfg.length_penalty,
+    )
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to `precision` (bf16 / fp16) on a GPU; CPUs (and fp32) run in full precision."""
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+    if device.type != "cuda" or AUTOCAST_DTYPES[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=AUTOCAST_DTYPES[precision])
+
+
+def warn_if_autocast_recasts_llm(model: torch.nn.Module, precision: str, device: torch.device) -> None:
+    """Autocast also runs the frozen LLM's matmuls in its dtype: say so when that is not the LLM's own half
+    precision (LAVIS autocasts OPT in fp16 and Flan-T5 in bf16)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    llm_dtype = getattr(model, "llm_dtype", None)
+    if (
+        device.type == "cuda"
+        and dtype is not None
+        and llm_dtype in (torch.float16, torch.bfloat16)
+        and llm_dtype != dtype
+    ):
+        logger.warning(
+            "precision=%s autocasts the frozen LLM (%s weights) to %s; set precision to match the LLM",
+            precision,
+            llm_dtype,
+            dtype,
+        )
+
+
+class _ImageFiles(Dataset):
+    """`(index, [3, S, S] eval-transformed image)` for each path; an unreadable file raises `ImageReadError`."""
+
+    def __init__(self, paths: Sequence[str], size: int) -> None:
+        self.paths = list(paths)
+        self.transform = eval_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor]:
+        path = self.paths[index]
+        try:
+            image = load_image(path)
+        except Exception as e:
+            raise ImageReadError(f"cannot read evaluation image {path}: {type(e).__name__}: {e}") from e
+        return index, self.transform(image)
+
+
+def image_batches(
+    paths: Sequence[str], size: int, batch_size: int, num_workers: int, device: torch.device, desc: str
+) -> Iterator[tuple[list[int], Tensor]]:
+    """Batches `(indices into paths, images [B, 3, size, size] on device)` in order, with a rank-0 progress bar."""
+    loader = DataLoader(
+        _ImageFiles(paths, size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    for indices, images in tqdm(loader, desc=desc, unit="batch", disable=get_rank() != 0):
+        yield indices.tolist(), images.to(device, non_blocking=True)
+
+
+def run_sharded(work: Callable[[], dict[Hashable, T]], what: str) -> dict[Hashable, T]:
+    """Run this rank's `work` and merge every rank's resulting dict into one (every rank gets the merge).
+
+    A key produced by two ranks is an error, not an overwrite. If `work` fails on any rank, every rank raises
+    (the failing one its own exception, the others a RuntimeError quoting it), so no rank is left waiting.
+    """
+    if not is_distributed():
+        return work()
+    local: dict[Hashable, T] = {}
+    error: Exception | None = None
+    try:
+        local = work()
+    except Exception as e:  # reported to every rank below, then re-raised here
+        error = e
+    parts: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(parts, (local, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failures = [f"rank {r}: {message}" for r, (_, message) in enumerate(parts) if message]
+    if failures:
+        raise RuntimeError(f"{what} failed on another rank: " + "; ".join(failures))
+    merged: dict[Hashable, T] = {}
+    for rank, (part, _) in enumerate(parts):
+        for key, value in part.items():
+            if key in merged:
+                raise RuntimeError(f"{what}: {key!r} was produced by two ranks (the second is rank {rank})")
+            merged[key] = value
+    return merged
+
+
+def on_rank0(fn: Callable[[], T], what: str, share: bool = False) -> T | None:
+    """Run `fn` on rank 0 only and return its value there (and, with `share`, on every rank; else None).
+
+    If `fn` fails, rank 0 raises its exception and every other rank a RuntimeError quoting it.
+    """
+    if not is_distributed():
+        return fn()
+    value: T | None = None
+    error: Exception | None = None
+    if get_rank() == 0:
+        try:
+            value = fn()
+        except Exception as e:  # reported to every rank below, then re-raised here
+            error = e
+    message = [None if error is None else f"{type(error).__name__}: {error}", value if share else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
+    return value if get_rank() == 0 else message[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Questions and ground truth
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: Hashable
+    image_id: Hashable
+    question: str
+    image_path: str
+
+
+def _check_unique_ids(questions: Sequence[Question], source: str) -> None:
+    seen: set[Hashable] = set()
+    for q in questions:
+        if q.question_id in seen:
+            raise ValueError(f"{source}: question_id {q.question_id!r} appears more than once")
+        seen.add(q.question_id)
+
+
+def load_vqa_questions(path: str, image_root: str, image_pattern: str) -> list[Question]:
+    """Questions from an official VQAv2 / OK-VQA questions file, in file order."""
+    data = read_json(path, "VQA questions file")
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+        raise ValueError(f"{path}: expected the official VQA questions format {{'questions': [...]}}")
+    questions = []
+    for i, entry in enumerate(data["questions"]):
+        try:
+            qid, image_id, text = entry["question_id"], entry["image_id"], entry["question"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: questions[{i}] needs question_id, image_id and question ({e!r})") from e
+        try:
+            name = image_pattern.format(image_id=image_id)
+        except (ValueError, KeyError, IndexError) as e:
+            raise ValueError(f"image_pattern {image_pattern!r} cannot format image_id {image_id!r}: {e}") from e
+        questions.append(Question(qid, image_id, text, os.path.join(image_root, name)))
+    _check_unique_ids(questions, path)
+    return questions
+
+
+def load_vqa_annotations(path: str) -> dict[Hashable, dict[str, Any]]:
+    """question_id -> annotation, from an official VQAv2 / OK-VQA annotations file."""
+    data = read_json(path, "VQA annotations file")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path}: expected the official VQA annotations format {{'annotations': [...]}}")
+    annotations: dict[Hashable, dict[str, Any]] = {}
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "question_id" not in ann or "answers" not in ann:
+            raise ValueError(f"{path}: annotations[{i}] needs question_id and answers")
+        if ann["question_id"] in annotations:
+            raise ValueError(f"{path}: question_id {ann['question_id']!r} is annotated twice")
+        annotations[ann["question_id"]] = ann
+    return annotations
+
+
+def load_gqa_questions(path: str, image_root: str) -> tuple[list[Question], dict[Hashable, str] | None]:
+    """(questions in file order, question_id -> answer or None when the file has no answers) from GQA's
+    `{qid: {"imageId", "question", "answer"}}` questions file or LAVIS's `[{"question_id", "image", ...}]`."""
+    data = read_json(path, "GQA questions file")
+    if isinstance(data, dict):
+        rows = []
+        for qid, entry in data.items():
+            if not isinstance(entry, dict) or "imageId" not in entry or "question" not in entry:
+                raise ValueError(f"{path}: question {qid!r} needs imageId and question")
+            rows.append((qid, entry["imageId"], f"{entry['imageId']}.jpg", entry["question"], entry.get("answer")))
+    elif isinstance(data, list):
+        rows = []
+        for i, entry in enumerate(data):
+            if not isinstance(entry, dict) or not {"question_id", "image", "question"} <= set(entry):
+                raise ValueError(f"{path}[{i}]: a LAVIS GQA entry needs question_id, image and question")
+            image = entry["image"]
+            rows.append((entry["question_id"], Path(image).stem, image, entry["question"], entry.get("answer")))
+    else:
+        raise ValueError(f"{path}: expected GQA questions as {{question_id: {{...}}}} or a LAVIS list")
+    questions = [Question(qid, image_id, text, os.path.join(image_root, name)) for qid, image_id, name, text, _ in rows]
+    _check_unique_ids(questions, path)
+    answers = {row[0]: row[4] for row in rows}
+    with_answer = sum(a is not None for a in answers.values())
+    if with_answer == 0:
+        return questions, None
+    if with_answer < len(answers):
+        missing = [qid for qid, a in answers.items() if a is None][:3]
+        raise ValueError(f"{path}: {len(answers) - with_answer} question(s) have no answer (e.g. {missing})")
+    return questions, answers
+
+
+def _load_questions(cfg: EvalConfig) -> tuple[list[Question], dict[Hashable, str] | None]:
+    if cfg.task == "vqa":
+        return load_vqa_questions(cfg.questions, cfg.image_root, cfg.image_pattern), None
+    return load_gqa_questions(cfg.questions or cfg.ann_path, cfg.image_root)
+
+
+def _vqa_ground_truth(cfg: EvalConfig, questions: Sequence[Question]) -> dict[Hashable, dict[str, Any]] | None:
+    """The annotation of every question, in question order (None without an annotations file)."""
+    if not cfg.annotations:
+        logger.warning("no VQA annotations given: writing results.json only (e.g. for the test-dev server)")
+        return None
+    annotations = load_vqa_annotations(cfg.annotations)
+    missing = [q.question_id for q in questions if q.question_id not in annotations]
+    if missing:
+        raise ValueError(
+            f"{cfg.annotations}: {len(missing)} question(s) of {cfg.questions} have no annotation "
+            f"(e.g. {missing[:3]}): are they the same split?"
+        )
+    return {q.question_id: annotations[q.question_id] for q in questions}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _answer_questions(
+    model: Blip2Stage2, questions: Sequence[Question], cfg: EvalConfig, device: torch.device
+) -> dict[Hashable, str]:
+    """question_id -> generated answer for this rank's questions."""
+    size = cfg.image_size or model.cfg.vision.image_size
+    gen = generation_config(cfg)
+    answers: dict[Hashable, str] = {}
+    paths = [q.image_path for q in questions]
+    for indices, images in image_batches(paths, size, cfg.batch_size, cfg.num_workers, device, desc=cfg.task):
+        batch = [questions[i] for i in indices]
+        texts = [clean_question(q.question) for q in batch]
+        with autocast(device, cfg.precision):
+            predicted = model.predict_answers(texts, images=images, prompt=cfg.prompt, cfg=gen)
+        answers.update((q.question_id, a) for q, a in zip(batch, predicted, strict=True))
+    return answers
+
+
+def _score_and_write(
+    cfg: EvalConfig,
+    questions: Sequence[Question],
+    answers: dict[Hashable, str],
+    vqa_truth: dict[Hashable, dict[str, Any]] | None,
+    gqa_truth: dict[Hashable, str] | None,
+) -> dict[str, Any]:
+    """Rank 0: results.json, metrics.json and report.html; returns the metrics."""
+    out = Path(cfg.output_dir)
+    results = [{"question_id": qid, "answer": answers[qid]} for qid in sorted(answers, key=sort_key)]
+    write_json(out / RESULTS_NAME, results)
+
+    metrics: dict[str, Any] = {"task": cfg.task, "num_questions": len(questions)}
+    per_question: dict[Hashable, float] = {}
+    if vqa_truth is not None:
+        scored = vqa_metrics(answers, vqa_truth, version=cfg.vqa_eval_version)
+        per_question = scored.pop("per_question")
+        metrics.update(vqa_eval_version=cfg.vqa_eval_version, **scored)
+    elif gqa_truth is not None:
+        metrics["accuracy"] = gqa_accuracy(answers, {q.question_id: gqa_truth[q.question_id] for q in questions})
+        per_question = {
+            qid: 100.0 * (normalize_gqa_prediction(answers[qid]) == answer) for qid, answer in gqa_truth.items()
+        }
+    else:
+        metrics["note"] = "no ground truth given: results.json is in the format of the evaluation server"
+    write_json(out / METRICS_NAME, metrics)
+
+    samples = []
+    for i in sample_indices(len(questions), cfg.report_samples):
+        q = questions[i]
+        if vqa_truth is not None:
+            truth = [a["answer"] if isinstance(a, dict) else a for a in vqa_truth[q.question_id]["answers"]]
+        else:
+            truth = [gqa_truth[q.question_id]] if gqa_truth is not None else []
+        samples.append(
+            VQASample(
+                q.image_path, q.question, answers[q.question_id], truth, per_question.get(q.question_id), q.question_id
+            )
+        )
+    title = f"{cfg.task.upper()}: {Path(cfg.questions or cfg.ann_path).name} ({cfg.checkpoint})"
+    vqa_report(out / REPORT_NAME, samples, title=title, metrics=metrics)
+    logger.info("%s: %s", cfg.task, {k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    return metrics
+
+
+def evaluate_vqa(model: Blip2Stage2, cfg: EvalConfig, device: torch.device | str) -> dict[str, Any]:
+    """Zero-shot VQA / GQA evaluation of a stage-2 model (see the module docstring); call it on every rank.
+
+    The model should already be on `device`. Returns the metrics written to `output_dir/metrics.json`:
+    VQA: `{"task", "num_questions", "vqa_eval_version", "overall", "per_answer_type", "per_question_type"}`
+    (percentages); GQA: `{"task", "num_questions", "accuracy"}` (percent).
+    """
+    if cfg.task not in ("vqa", "gqa"):
+        raise ValueError(f"evaluate_vqa handles tasks vqa and gqa, got {cfg.task!r}")
+    if not isinstance(model, Blip2Stage2):
+        raise TypeError(f"{cfg.task} needs a stage-2 (LLM) model, got {type(model).__name__}")
+    if cfg.prompt.count("{}") != 1:
+        raise ValueError(f"prompt {cfg.prompt!r} needs exactly one '{{}}' for the question")
+    device = torch.device(device)
+    warn_if_autocast_recasts_llm(model, cfg.precision, device)
+    questions, gqa_truth = _load_questions(cfg)
+    if cfg.limit:
+        questions = questions[: cfg.limit]
+        if gqa_truth is not None:
+            gqa_truth = {q.question_id: gqa_truth[q.question_id] for q in questions}
+    if not questions:
+        raise ValueError(f"no questions in {cfg.questions or cfg.ann_path}")
+    vqa_truth = (
+        on_rank0(lambda: _vqa_ground_truth(cfg, questions), "reading the annotations") if cfg.task == "vqa" else None
+    )
+
+    rank, world = get_rank(), get_world_size()
+    mine = questions[rank::world]
+    logger.info("%s: rank %d of %d answers %d of %d questions", cfg.task, rank, world, len(mine), len(questions))
+    model.eval()
+    answers = run_sharded(lambda: _answer_questions(model, mine, cfg, device), f"{cfg.task} generation")
+    if len(answers) != len(questions):
+        raise RuntimeError(f"{len(answers)} answers for {len(questions)} questions after merging the ranks")
+    return on_rank0(
+        lambda: _score_and_write(cfg, questions, answers, vqa_truth, gqa_truth), "scoring and writing", share=True
+    )
