@@ -346,76 +346,80 @@ def train(cfg: TrainConfig) -> Path:
     bar = _progress(start, cfg) if rank == 0 else None
     log_file = (out / "log.jsonl").open("a") if rank == 0 else None
     ids_file = (out / f"samples_rank{rank}.jsonl").open("a") if cfg.log_sample_ids else None
-    batches = iter(loader)
-    window_t, window_n, non_finite = time.perf_counter(), 0, 0
-    model.train()
-    for step in range(start + 1, cfg.optim.total_steps + 1):
-        lr = lr_at(step - 1, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        totals: dict[str, float] = {}
-        for micro in range(cfg.optim.grad_accum):
-            batch = next(batches)
-            batch["image"] = batch["image"].to(device, non_blocking=True)
-            sync = micro == cfg.optim.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if not sync and world > 1 else _null()
-            with ctx, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                losses = ddp(batch)
-                loss = losses["loss"] / cfg.optim.grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
-            window_n += batch["image"].shape[0] * world
-            if ids_file:
-                ids_file.write(json.dumps({"step": step, "image_id": batch["image_id"].tolist()}) + "\n")
-        finite = torch.tensor(float(math.isfinite(totals["loss"])), device=device)
-        if world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() == 1.0:
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+    try:
+        batches = iter(loader)
+        window_t, window_n, non_finite = time.perf_counter(), 0, 0
+        model.train()
+        for step in range(start + 1, cfg.optim.total_steps + 1):
+            lr = lr_at(step - 1, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            totals: dict[str, float] = {}
+            for micro in range(cfg.optim.grad_accum):
+                batch = next(batches)
+                batch["image"] = batch["image"].to(device, non_blocking=True)
+                sync = micro == cfg.optim.grad_accum - 1 or world == 1
+                ctx = ddp.no_sync() if not sync and world > 1 else _null()
+                with ctx, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    losses = ddp(batch)
+                    loss = losses["loss"] / cfg.optim.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
+                window_n += batch["image"].shape[0] * world
+                if ids_file:
+                    ids_file.write(json.dumps({"step": step, "image_id": batch["image_id"].tolist()}) + "\n")
+            finite = torch.tensor(float(math.isfinite(totals["loss"])), device=device)
+            if world > 1:
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 1.0:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.optim.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_grad
+                    )
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
             else:
-                optimizer.step()
-        else:
-            non_finite += 1
-            logger.warning("step %d: non-finite loss %s, update skipped (%d so far)", step, totals, non_finite)
-        optimizer.zero_grad(set_to_none=True)
+                non_finite += 1
+                logger.warning("step %d: non-finite loss %s, update skipped (%d so far)", step, totals, non_finite)
+            optimizer.zero_grad(set_to_none=True)
 
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.optim.total_steps):
-            now = time.perf_counter()
-            record = {"step": step, "lr": lr, **totals, "samples_per_s": window_n / max(now - window_t, 1e-9)}
-            record.update({"skipped_samples": loader.skipped, "non_finite_steps": non_finite})
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if writer:
-                for k, v in record.items():
-                    if k != "step":
-                        writer.add_scalar(f"train/{k}", v, step)
-            window_t, window_n = now, 0
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.optim.total_steps):
+                now = time.perf_counter()
+                record = {"step": step, "lr": lr, **totals, "samples_per_s": window_n / max(now - window_t, 1e-9)}
+                record.update({"skipped_samples": loader.skipped, "non_finite_steps": non_finite})
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if writer:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                window_t, window_n = now, 0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals['loss']:.3f}", lr=f"{lr:.2e}")
+            if step % cfg.save_every == 0 or step == cfg.optim.total_steps:
+                save_checkpoint(out, step, model, optimizer, scaler, loader.state_dict(), cfg)
+            if cfg.crash_at_step and step == cfg.crash_at_step:
+                for f in (log_file, ids_file):
+                    if f:
+                        f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the real thing, no clean-up
+
+    finally:  # also when a step raises (too many bad images, a NaN-free but failing batch, Ctrl-C)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{totals['loss']:.3f}", lr=f"{lr:.2e}")
-        if step % cfg.save_every == 0 or step == cfg.optim.total_steps:
-            save_checkpoint(out, step, model, optimizer, scaler, loader.state_dict(), cfg)
-        if cfg.crash_at_step and step == cfg.crash_at_step:
-            for f in (log_file, ids_file):
-                if f:
-                    f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the real thing, no clean-up
-
-    if bar is not None:
-        bar.close()
-    for f in (log_file, ids_file):
-        if f:
-            f.close()
-    loader.write_skipped(out)
-    if writer:
-        writer.close()
+            bar.close()
+        for f in (log_file, ids_file):
+            if f:
+                f.close()
+        loader.write_skipped(out)
+        if writer:
+            writer.close()
     final = out / "final"
     if rank == 0:
         from qformer.checkpoint import save_pretrained

@@ -141,29 +141,35 @@ def test_torchrun_two_processes_see_disjoint_data(assets, tmp_path):
 
 
 def test_bad_images_are_skipped_counted_and_named(assets, tmp_path):
+    from tasks.config import load_config
+    from tasks.data import TooManyBadSamples
+    from tasks.train import train as train_in_process
+
     data = tmp_path / "bad"
     ann = caption_dataset(data, n=20, corrupt=1, missing=1)
     out = tmp_path / "run"
     cfg = tiny_stage1_config(tmp_path, ann, out, assets["bert"], save_every=100)
     cfg["optim"]["total_steps"] = 5  # one epoch of 20 samples
-    train(write_config(tmp_path / "bad.yaml", **cfg))
+    train_in_process(load_config(write_config(tmp_path / "bad.yaml", **cfg)))
     report = json.loads((out / "skipped_rank0.json").read_text())
     assert sorted(Path(p).name for p in report["skipped_paths"]) == ["000.jpg", "001.jpg"]
     assert read_log(out)[-1]["skipped_samples"] == 2
 
     strict = tiny_stage1_config(tmp_path, ann, tmp_path / "strict", assets["bert"])
     strict["data"].update(max_skip_fraction=0.01, min_samples_before_check=4)
-    proc = train(write_config(tmp_path / "strict.yaml", **strict), check=False)
-    assert proc.returncode != 0 and "0.01" in proc.stderr and "000.jpg" in proc.stderr
+    with pytest.raises(TooManyBadSamples, match="0.01") as err:
+        train_in_process(load_config(write_config(tmp_path / "strict.yaml", **strict)))
+    assert "000.jpg" in str(err.value)
 
 
-def test_unknown_config_key_fails_before_any_work(assets, tmp_path):
+def test_unknown_config_key_fails_before_any_work(assets, tmp_path, capsys):
+    from tasks.train import main
+
     cfg = tiny_stage1_config(tmp_path, assets["ann"], tmp_path / "never", assets["bert"])
     cfg["optim"]["learning_rate"] = 1e-4
-    proc = train(write_config(tmp_path / "typo.yaml", **cfg), check=False)
-    assert proc.returncode == 2 and "learning_rate" in proc.stderr
+    assert main([str(write_config(tmp_path / "typo.yaml", **cfg))]) == 2
+    assert "learning_rate" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
-    proc = train(
-        write_config(tmp_path / "ok.yaml", **{**cfg, "optim": {"lr": 1e-4}}), "data.batch_size=four", check=False
-    )
-    assert proc.returncode == 2 and "data.batch_size" in proc.stderr
+    ok = write_config(tmp_path / "ok.yaml", **{**cfg, "optim": {"lr": 1e-4}})
+    assert main([str(ok), "data.batch_size=four"]) == 2
+    assert "data.batch_size" in capsys.readouterr().err
