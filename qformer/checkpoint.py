@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+LLM_DIR = "llm"  # relative paths in a checkpoint's config resolve against the checkpoint folder
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -84,6 +85,11 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, tokenizer=None) -> 
     skip = ["llm."]
     if model.visual is not None and cfg.vision.frozen and cfg.vision.weights:
         skip.append("visual.")  # rebuilt from cfg.vision.weights
+    if stage == "stage2" and not cfg.llm.path:
+        # The LLM came out of another checkpoint (e.g. a transformers BLIP-2 folder): give it a folder of its own.
+        model.llm.save_pretrained(folder / LLM_DIR)
+        model.tokenizer.save_pretrained(folder / LLM_DIR)
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, path=LLM_DIR))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith(tuple(skip))}
     tmp = folder / (WEIGHTS_NAME + ".tmp")
     save_file(state, tmp, metadata={"format": "pt", "stage": stage})
@@ -114,6 +120,8 @@ def load_pretrained(folder: str | Path, **llm_overrides) -> nn.Module:
         raise CheckpointError(f"{config_path}: not a qformer checkpoint config ({e})") from e
     if llm_overrides:
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **llm_overrides))
+    if cfg.llm.path and (folder / cfg.llm.path).is_dir() and not Path(cfg.llm.path).is_absolute():
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, path=str(folder / cfg.llm.path)))
     state = read_state_dict(folder / WEIGHTS_NAME)
     if stage == "stage1":
         model = Blip2Stage1(cfg)

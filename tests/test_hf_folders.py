@@ -426,3 +426,30 @@ def test_sharded_folder_with_a_missing_shard(tmp_path):
     shards[1].unlink()
     with pytest.raises(FileNotFoundError, match=shards[1].name):
         load_transformers_folder(folder)
+
+
+def test_cli_converts_a_transformers_folder_to_ours_and_back(tmp_path):
+    """`qformer convert --from transformers`: the LLM has no folder of its own, so ours keeps a copy beside it."""
+    from qformer.checkpoint import load_pretrained
+    from tasks.cli import main as cli
+
+    hf, folder = _folder_from_transformers("opt", tmp_path)
+    assert cli(["convert", str(folder), str(tmp_path / "ours"), "--from", "transformers"]) == 0
+    assert (tmp_path / "ours" / "llm" / "config.json").is_file()
+    ours = load_pretrained(tmp_path / "ours")
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    q = ours.cfg.qformer.num_query_tokens
+    enc = ours.tokenizer([c + "\n" for c in CAPTIONS[:2]], padding="longest", padding_side="right", return_tensors="pt")
+    with torch.no_grad():
+        got = ours(CAPTIONS[:2], images=pixels)["logits"]
+        ids = torch.cat([torch.full((2, q), IMAGE), enc.input_ids], 1)
+        mask = torch.cat([torch.ones(2, q, dtype=torch.long), enc.attention_mask], 1)
+        expected = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+    assert_close(got, expected, atol=1e-5, rtol=0)
+    # and back out to a transformers folder
+    assert (
+        cli(["convert", str(tmp_path / "ours"), str(tmp_path / "again"), "--from", "ours", "--to", "transformers"]) == 0
+    )
+    again = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert_close(again(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5, rtol=0)
