@@ -263,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. checkpoint=runs/x/final k_test=64")
     e.set_defaults(func=lambda a: __import__("tasks.evaluate", fromlist=["main"]).main([a.config, *a.overrides]))
 
+    d = sub.add_parser("demo", help="the whole recipe in the shapes world, on a CPU (writes runs/shapes/report.md)")
+    d.add_argument("--out", default="runs/shapes")
+    d.add_argument("--fast", action="store_true", help="a smaller world and fewer steps (a few minutes)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--clean", action="store_true", help="delete OUT first")
+    d.set_defaults(
+        func=lambda a: __import__("tasks.demo", fromlist=["main"]).main(
+            ["--out", a.out, "--seed", str(a.seed)] + ["--fast"] * a.fast + ["--clean"] * a.clean
+        )
+    )
+
     t = sub.add_parser("train", help="train stage 1 or 2 from a YAML config (same as python -m tasks.train)")
     t.add_argument("config", help="a YAML run config, e.g. configs/stage1_vitg.yaml")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-5 data.batch_size=64")

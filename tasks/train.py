@@ -176,9 +176,11 @@ class TrainStep(nn.Module):
             return {"loss": self.model(batch["text_input"], images=images)["loss"]}
         from tasks.stage1 import stage1_losses
 
+        # LAVIS pads every caption to max_text_length; padding to the batch's longest gives the same losses (pad
+        # keys are masked out of attention, pad labels ignored) at a fraction of the text passes' cost.
         enc = self.tokenizer(
             batch["text_input"],
-            padding="max_length",
+            padding="longest",
             truncation=True,
             max_length=self.max_text_length,
             return_tensors="pt",

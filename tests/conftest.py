@@ -15,3 +15,25 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shapes_demo(tmp_path_factory):
+    """`qformer demo --fast`, run once for the session as a user runs it (a subprocess through the CLI, two threads
+    while it holds the machine): its output folder. The stage-0 tests read the components it trained."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("shapes_demo")
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "demo", "--fast", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = proc.stdout + proc.stderr
+    (out / "demo.log").write_text(log)
+    assert proc.returncode == 0, log[-5000:]
+    return out

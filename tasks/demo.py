@@ -1,0 +1,509 @@
+"""`qformer demo`: the whole BLIP-2 recipe on a laptop CPU, in the shapes world, with nothing downloaded.
+
+    stage 0   frozen parts trained first, like the real ones: a tiny ViT on the images, a tokenizer, a tiny OPT
+              and a tiny T5 on text only (captions followed by questions and answers), a tiny BERT
+    stage 1   Q-Former with ITC + ITM + ITG against the frozen ViT          (configs/shapes/stage1.yaml)
+    stage 2   the query outputs as a soft prompt to the frozen OPT and T5    (configs/shapes/stage2_*.yaml)
+    evaluate  retrieval, captioning, and zero-shot VQA (the Q-Former never sees a question: answers come from
+              the frozen LM reading the soft prompt), next to baselines: the same LM with no image (blind), and
+              with the soft prompt of a random other image
+
+Everything runs through the real entry points, configs, loaders and evaluators. Writes `OUT/report.md` with the
+metrics, loss curves (PNG) and a gallery of test images with their captions and answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+
+
+@dataclass
+class DemoPreset:
+    stage1_steps: int
+    stage2_steps: int
+    batch_size: int
+    stage0: str  # the tasks.shapes_stage0 preset
+    stage1_lr: float = 1e-3
+    stage1_warmup: int = 50
+
+
+PRESETS = {
+    # The world's size comes with the stage-0 preset of the same name (tasks.shapes_stage0.PRESETS).
+    "full": DemoPreset(stage1_steps=1000, stage2_steps=500, batch_size=32, stage0="full"),
+    # ITC sits at chance (log B) for its first 100-200 steps before it falls; a higher peak and a short warmup get the
+    # fast run's 350 steps past that.
+    "fast": DemoPreset(
+        stage1_steps=350, stage2_steps=200, batch_size=24, stage0="fast", stage1_lr=2e-3, stage1_warmup=20
+    ),
+}
+
+
+def _stage(name: str, config: str, overrides: list[str]) -> Path:
+    from tasks.config import load_config
+    from tasks.train import train
+
+    t0 = time.perf_counter()
+    cfg = load_config(CONFIGS / config, overrides)
+    final = train(cfg)
+    logger.info("%s done in %.0f s", name, time.perf_counter() - t0)
+    return final
+
+
+def _eval(config: str, overrides: list[str]) -> dict:
+    from tasks.evals.config import load_eval_config
+    from tasks.evaluate import evaluate
+
+    return evaluate(load_eval_config(str(CONFIGS / config), overrides))
+
+
+def run_demo(out: str | Path, fast: bool = False, seed: int = 0) -> dict:
+    from tasks.shapes_stage0 import build_stage0
+
+    name = "fast" if fast else "full"
+    preset = PRESETS[name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Finished parts are reused on a second run; parts of another preset or seed would not fit.
+    marker = out / "demo.json"
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        if (previous["preset"], previous["seed"]) != (name, seed):
+            raise SystemExit(
+                f"{out} holds a demo run with preset {previous['preset']!r}, seed {previous['seed']}: "
+                f"pass --clean to start over, or another --out"
+            )
+    marker.write_text(json.dumps({"preset": name, "seed": seed}))
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+        print(f"[demo] {name}: {timings[name]:.0f} s", flush=True)
+
+    stage0 = build_stage0(out / "stage0", fast=fast, seed=seed)
+    world = stage0["world"]
+    lap("stage 0 (world, ViT, tokenizer, OPT, T5, BERT)")
+
+    # The stage-0 components' shapes, as overrides of the shapes configs (same keys a user would write in YAML).
+    model = [f"model.vision.{k}={v}" for k, v in stage0["vit_config"].items() if v is not None and k != "frozen"]
+    model += [f"model.qformer.{k}={v}" for k, v in stage0["qformer_config"].items() if v is not None]
+    model += [f"model.vision.weights={stage0['vit']}"]
+    data = [
+        f"data.datasets=[{{ann_paths: [{world['train_captions']}], image_root: {world['image_root']}}}]",
+        f"data.batch_size={preset.batch_size}",
+    ]
+    steps = lambda n: [f"optim.total_steps={n}", f"save_every={n}"]  # noqa: E731
+    stage1 = _stage(
+        "stage 1",
+        "stage1.yaml",
+        [
+            *model,
+            *data,
+            *steps(preset.stage1_steps),
+            f"optim.lr={preset.stage1_lr}",
+            f"optim.warmup_steps={preset.stage1_warmup}",
+            f"bert={stage0['bert']}",
+            f"output_dir={out / 'stage1'}",
+        ],
+    )
+    lap("stage 1 (ITC + ITM + ITG)")
+    stage2 = {}
+    for llm in ("opt", "t5"):
+        stage2[llm] = _stage(
+            f"stage 2 {llm}",
+            f"stage2_{llm}.yaml",
+            [
+                *model,
+                *data,
+                *steps(preset.stage2_steps),
+                f"model.llm.path={stage0[llm]}",
+                f"init_from={stage1}",
+                f"output_dir={out / f'stage2_{llm}'}",
+            ],
+        )
+        lap(f"stage 2 ({llm})")
+
+    results = {"timings": timings, "world": world}
+    results["stage0"] = {k: stage0[k] for k in ("vit_metrics", "opt_metrics", "t5_metrics")}
+    results["retrieval"] = _eval(
+        "eval_retrieval.yaml",
+        [
+            f"checkpoint={stage1}",
+            f"ann_path={world['test_retrieval']}",
+            f"image_root={world['image_root']}",
+            f"output_dir={out / 'eval' / 'retrieval'}",
+        ],
+    )
+    results["retrieval_itc"] = _eval(
+        "eval_retrieval.yaml",
+        [
+            f"checkpoint={stage1}",
+            f"ann_path={world['test_retrieval']}",
+            f"image_root={world['image_root']}",
+            f"output_dir={out / 'eval' / 'retrieval_itc'}",
+            "score=itc",
+        ],
+    )
+    results["retrieval_chance"] = _retrieval_chance(world["test_retrieval"])
+    lap("retrieval")
+    results["caption"] = _eval(
+        "eval_caption.yaml",
+        [
+            f"checkpoint={stage2['opt']}",
+            f"ann_path={world['test_retrieval']}",
+            f"image_root={world['image_root']}",
+            f"annotations={world['test_coco_gt']}",
+            f"output_dir={out / 'eval' / 'caption'}",
+        ],
+    )
+    results["caption_baseline"] = _most_common_caption_baseline(world)
+    results["caption_random_image"] = _caption_random_image(out / "eval" / "caption" / "results.json", world, seed)
+    lap("captioning")
+    results["vqa"] = {}
+    for llm in ("opt", "t5"):
+        common = [
+            f"checkpoint={stage2[llm]}",
+            f"annotations={world['test_annotations']}",
+            f"image_root={world['image_root']}",
+        ]
+        with_image = _eval(
+            "eval_vqa.yaml",
+            [*common, f"questions={world['test_questions']}", f"output_dir={out / 'eval' / f'vqa_{llm}'}"],
+        )
+        shuffled = _shuffled_questions(world["test_questions"], out / "eval" / "shuffled_questions.json", seed)
+        random_image = _eval(
+            "eval_vqa.yaml",
+            [*common, f"questions={shuffled}", f"output_dir={out / 'eval' / f'vqa_{llm}_random_image'}"],
+        )
+        blind = _blind_vqa(stage2[llm], world, out / "eval" / f"vqa_{llm}_blind")
+        results["vqa"][llm] = {"image": with_image, "random_image": random_image, "blind": blind}
+    lap("zero-shot VQA")
+    results["checks"] = learned_margins(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report(out, results, world, stage2)
+    lap("report")
+    for name, value in results["checks"].items():
+        print(f"[demo] {name}: {value:+.1f}")
+    print(f"[demo] report: {out / 'report.md'}")
+    return results
+
+
+def learned_margins(results: dict) -> dict[str, float]:
+    """How far each learned figure is above what a pipeline that learned nothing from the images would score
+    (points; positive = above). A Q-Former whose ITC gets no gradient leaves retrieval at chance; a soft prompt the
+    LM ignores gives the same captions and answers for every image, so the random-image baselines equal the model."""
+    r, itc, chance = results["retrieval"], results["retrieval_itc"], results["retrieval_chance"]
+    margins = {
+        "text_r1_over_chance": r["txt_r1"] - chance["txt_r1"],
+        "image_r1_over_chance": r["img_r1"] - chance["img_r1"],
+        "itc_r_mean_over_chance": itc["r_mean"] - chance["r_mean"],
+        "cider_over_most_common_caption": 100 * (results["caption"]["CIDEr"] - results["caption_baseline"]["CIDEr"]),
+        "cider_over_random_image": 100 * (results["caption"]["CIDEr"] - results["caption_random_image"]["CIDEr"]),
+    }
+    for llm, runs in results["vqa"].items():
+        margins[f"vqa_{llm}_over_blind"] = runs["image"]["overall"] - runs["blind"]["overall"]
+        margins[f"vqa_{llm}_over_random_image"] = runs["image"]["overall"] - runs["random_image"]["overall"]
+    return margins
+
+
+# -- baselines ------------------------------------------------------------------------------------------------------
+
+
+def _retrieval_chance(ann_path: str) -> dict:
+    """Expected recall of a random ranking (points): text retrieval hits when any of an image's c captions is in the
+    top K of all T texts, image retrieval when its one image is in the top K of I."""
+    from math import comb
+
+    entries = json.loads(Path(ann_path).read_text())
+    n_img = len(entries)
+    per_image = [len(e["caption"]) if isinstance(e["caption"], list) else 1 for e in entries]
+    n_txt = sum(per_image)
+    out = {}
+    for k in (1, 5, 10):
+        out[f"txt_r{k}"] = 100 * sum(1 - comb(n_txt - c, k) / comb(n_txt, k) for c in per_image) / n_img
+        out[f"img_r{k}"] = 100 * min(k, n_img) / n_img
+    out["r_mean"] = sum(out.values()) / 6
+    return out
+
+
+def _most_common_caption_baseline(world: dict) -> dict:
+    """Caption every test image with the train set's most common caption (the 'most common scene')."""
+    from collections import Counter
+
+    from tasks.evals.caption import caption_scores
+
+    train = json.loads(Path(world["train_captions"]).read_text())
+    caption = Counter(e["caption"] for e in train).most_common(1)[0][0]
+    gt = json.loads(Path(world["test_coco_gt"]).read_text())
+    gts: dict[int, list[str]] = {}
+    for ann in gt["annotations"]:
+        gts.setdefault(ann["image_id"], []).append(ann["caption"])
+    scores = caption_scores(gts, {i: caption for i in gts}, scorers=("BLEU", "ROUGE_L", "CIDEr"))
+    return {"caption": caption, **scores.metrics}
+
+
+def _caption_random_image(results_path: Path, world: dict, seed: int) -> dict:
+    """The model's own captions scored against the references of another (random) test image: what captions that
+    ignore the image (fluent, but about no image in particular) would score."""
+    from tasks.evals.caption import caption_scores
+
+    captions = {x["image_id"]: x["caption"] for x in json.loads(Path(results_path).read_text())}
+    gts: dict[int, list[str]] = {}
+    for ann in json.loads(Path(world["test_coco_gt"]).read_text())["annotations"]:
+        gts.setdefault(ann["image_id"], []).append(ann["caption"])
+    ids = sorted(gts)
+    mapping = _derangement(ids, seed)
+    scores = caption_scores(gts, {i: captions[mapping[i]] for i in ids}, scorers=("BLEU", "ROUGE_L", "CIDEr"))
+    return dict(scores.metrics)
+
+
+def _derangement(ids: list[int], seed: int) -> dict[int, int]:
+    """A random mapping of each id to a different one."""
+    rng = random.Random(seed)
+    moved = ids[:]
+    while len(ids) > 1 and any(a == b for a, b in zip(ids, moved, strict=True)):
+        rng.shuffle(moved)
+    return dict(zip(ids, moved, strict=True))
+
+
+def _shuffled_questions(path: str, out: Path, seed: int) -> Path:
+    """The same questions asked about another (random) test image: a pipeline that ignores the image scores the same."""
+    data = json.loads(Path(path).read_text())
+    mapping = _derangement(sorted({q["image_id"] for q in data["questions"]}), seed)
+    for q in data["questions"]:
+        q["image_id"] = mapping[q["image_id"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data))
+    return out
+
+
+@torch.no_grad()
+def _blind_vqa(checkpoint: Path, world: dict, out: Path) -> dict:
+    """The same frozen LM, the same prompt and decoding, no image at all."""
+    from qformer.checkpoint import load_pretrained
+    from tasks.data.text import clean_question
+    from tasks.evals.config import load_eval_config
+    from tasks.evals.metrics import vqa_metrics
+
+    cfg = load_eval_config(str(CONFIGS / "eval_vqa.yaml"), [f"checkpoint={checkpoint}", f"output_dir={out}"])
+    model = load_pretrained(checkpoint)
+    questions = json.loads(Path(world["test_questions"]).read_text())["questions"]
+    annotations = json.loads(Path(world["test_annotations"]).read_text())["annotations"]
+    tok = model.tokenizer
+    side = "right" if model.is_encoder_decoder else "left"
+    answers = {}
+    for start in range(0, len(questions), cfg.batch_size):
+        batch = questions[start : start + cfg.batch_size]
+        prompts = [cfg.prompt.format(clean_question(q["question"])) for q in batch]
+        enc = tok(prompts, padding="longest", return_tensors="pt", padding_side=side)
+        ids = model.llm.generate(
+            **enc,
+            max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            eos_token_id=model.end_token_id,
+            pad_token_id=tok.pad_token_id,
+            do_sample=False,
+        )
+        if not model.is_encoder_decoder:
+            ids = ids[:, enc.input_ids.shape[1] :]
+        for q, text in zip(batch, tok.batch_decode(ids, skip_special_tokens=True), strict=True):
+            answers[q["question_id"]] = text.strip()
+    metrics = vqa_metrics(answers, annotations, version=cfg.vqa_eval_version)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "per_question"}, indent=1))
+    return metrics
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+
+
+def _plot_losses(out: Path, runs: dict[str, Path]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for title, run in runs.items():
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for key in ("loss", "loss_itc", "loss_itm", "loss_itg"):
+            if key in log[0]:
+                ax.plot([r["step"] for r in log], [r[key] for r in log], label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+        fig.tight_layout()
+        name = f"loss_{run.name}.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def _pct(x) -> str:
+    return f"{x:.1f}" if isinstance(x, (int, float)) else str(x)
+
+
+def write_report(out: Path, results: dict, world: dict, stage2: dict) -> Path:
+    r, chance = results["retrieval"], results["retrieval_chance"]
+    lines = ["# The shapes world: BLIP-2 end to end on a CPU", ""]
+    lines += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
+    if results.get("stage0"):
+        lines += _stage0_lines(results["stage0"])
+    lines += [
+        "## Retrieval (held-out test images, ITC + ITM re-rank)",
+        "",
+        "| | R@1 | R@5 | R@10 | chance R@1 |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| text retrieval | {_pct(r['txt_r1'])} | {_pct(r['txt_r5'])} | {_pct(r['txt_r10'])} | "
+        f"{_pct(chance['txt_r1'])} |"
+    ]
+    lines += [
+        f"| image retrieval | {_pct(r['img_r1'])} | {_pct(r['img_r5'])} | {_pct(r['img_r10'])} | "
+        f"{_pct(chance['img_r1'])} |",
+    ]
+    itc = results["retrieval_itc"]
+    lines += [
+        f"| text retrieval, ITC only | {_pct(itc['txt_r1'])} | {_pct(itc['txt_r5'])} | {_pct(itc['txt_r10'])} | |",
+        f"| image retrieval, ITC only | {_pct(itc['img_r1'])} | {_pct(itc['img_r5'])} | {_pct(itc['img_r10'])} | |",
+        f"| chance | {_pct(chance['txt_r1'])} / {_pct(chance['img_r1'])} | {_pct(chance['txt_r5'])} / "
+        f"{_pct(chance['img_r5'])} | {_pct(chance['txt_r10'])} / {_pct(chance['img_r10'])} | |",
+        "",
+    ]
+    c, base = results["caption"], results["caption_baseline"]
+    lines += ["## Captioning (OPT)", "", "| | BLEU-4 | ROUGE-L | CIDEr |", "|---|---|---|---|"]
+    rand = results["caption_random_image"]
+    for name, m in (
+        ("BLIP-2 (ours)", c),
+        ("baseline: our captions, scored against a random other image", rand),
+        (f'baseline: always "{base["caption"]}"', base),
+    ):
+        lines += [f"| {name} | {_pct(100 * m['Bleu_4'])} | {_pct(100 * m['ROUGE_L'])} | {_pct(100 * m['CIDEr'])} |"]
+    lines += [""]
+    lines += ["## Zero-shot VQA (the Q-Former never saw a question; VQAv2 accuracy)", ""]
+    types = sorted(results["vqa"]["opt"]["image"]["per_question_type"])
+    lines += ["| LM | input | overall | " + " | ".join(types) + " |", "|---" * (3 + len(types)) + "|"]
+    for llm, runs in results["vqa"].items():
+        for name, m in (
+            ("image", runs["image"]),
+            ("blind (no image)", runs["blind"]),
+            ("random image", runs["random_image"]),
+        ):
+            per = m["per_question_type"]
+            lines += [
+                f"| {llm} | {name} | {_pct(m['overall'])} | " + " | ".join(_pct(per.get(t, "-")) for t in types) + " |"
+            ]
+    lines += [""]
+    lines += _margin_lines(results["checks"])
+    plots = _plot_losses(
+        out, {"stage 1": out / "stage1", "stage 2 (OPT)": out / "stage2_opt", "stage 2 (T5)": out / "stage2_t5"}
+    )
+    lines += ["## Training", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += _gallery(out, world)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _stage0_lines(stage0: dict) -> list[str]:
+    v = stage0["vit_metrics"]
+    lines = [
+        "## Stage 0: the frozen components (trained first, held-out validation scenes)",
+        "",
+        f"ViT (attribute read-outs of its tokens, used only to train it): an object fully right (shape, colour, size "
+        f"and cell) {100 * v['object_all']:.1f}% (chance {100 * v['chance_object_all']:.2f}%): shape "
+        f"{100 * v['object_shape']:.1f}, colour {100 * v['object_colour']:.1f}, size {100 * v['object_size']:.1f}, "
+        f"cell {100 * v['object_cell']:.1f}; object count {100 * v['count']:.1f}.",
+        "",
+        "Language models, text only (exact-match answers): the scene's caption before the question, no caption, and "
+        "the training corpus's most common answer to the question's wording:",
+        "",
+        "| LM | caption + question | question only | most common answer |",
+        "|---|---|---|---|",
+    ]
+    for llm in ("opt", "t5"):
+        m = stage0[f"{llm}_metrics"]
+        lines += [
+            f"| {llm} | {100 * m['qa_caption']:.1f} | {100 * m['qa_no_caption']:.1f} | {100 * m['qa_prior']:.1f} |"
+        ]
+    return lines + [""]
+
+
+def _margin_lines(checks: dict) -> list[str]:
+    lines = ["## Learned, or not? (points above a pipeline that learned nothing from the images)", ""]
+    lines += ["| check | margin |", "|---|---|"]
+    lines += [f"| {name} | {value:+.1f} |" for name, value in checks.items()]
+    return lines + [""]
+
+
+def _gallery(out: Path, world: dict, n: int = 8) -> list[str]:
+    from PIL import Image
+
+    captions = {x["image_id"]: x["caption"] for x in json.loads((out / "eval/caption/results.json").read_text())}
+    questions = json.loads(Path(world["test_questions"]).read_text())["questions"]
+    answers = {}
+    for llm in ("opt", "t5"):
+        for x in json.loads((out / f"eval/vqa_{llm}/results.json").read_text()):
+            answers.setdefault(x["question_id"], {})[llm] = x["answer"]
+    truth = {
+        a["question_id"]: a["multiple_choice_answer"]
+        for a in json.loads(Path(world["test_annotations"]).read_text())["annotations"]
+    }
+    gallery = out / "gallery"
+    gallery.mkdir(exist_ok=True)
+    lines = ["## Gallery (test images)", "", "| image | caption (OPT) | questions: truth / OPT / T5 |", "|---|---|---|"]
+    for image_id in sorted(captions)[:n]:
+        source = Path(world["image_root"]) / world["image_pattern"].format(image_id=image_id)
+        target = gallery / f"{image_id}.png"
+        Image.open(source).resize((128, 128), Image.NEAREST).save(target)
+        qa = [
+            f"{q['question']} **{truth[q['question_id']]}** / {answers[q['question_id']].get('opt', '-')} / "
+            f"{answers[q['question_id']].get('t5', '-')}"
+            for q in questions
+            if q["image_id"] == image_id
+        ][:3]
+        lines += [f"| ![]({target.relative_to(out)}) | {captions[image_id]} | {'<br>'.join(qa)} |"]
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="qformer demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default="runs/shapes")
+    p.add_argument("--fast", action="store_true", help="a smaller world and fewer steps (CI: a few minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clean", action="store_true", help="delete OUT first")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.clean:
+        shutil.rmtree(args.out, ignore_errors=True)
+    run_demo(args.out, fast=args.fast, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`qformer demo --fast`: the whole recipe in the shapes world (stage 0, stage 1, stage 2 with OPT and T5, retrieval,
+captioning, zero-shot VQA) through the real entry points, and what it must have learned.
+
+The margins are points above a pipeline that learned nothing from the images, measured by the demo itself on the
+held-out test images: retrieval against chance, captions against the most common caption and against our own
+captions scored for a random other image, VQA against the same frozen LM with no image (blind) and with a random
+image. A Q-Former whose ITC gets no gradient stays at chance; a soft prompt the LM ignores gives the same captions
+and answers for every image, which puts the model on its random-image baselines (margin 0)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+# Below what the fast demo reaches (seed 0, see the closing notes), above what a broken pipeline can reach.
+# Recall is the mean of R@1, R@5 and R@10 both ways with ITC alone (at chance: 5.3 points for 100 images with 5
+# captions each, give or take about 1.5); CIDEr in points.
+MARGINS = {
+    "itc_r_mean_over_chance": 10.0,
+    "cider_over_most_common_caption": 15.0,
+    "cider_over_random_image": 15.0,
+}
+
+
+@pytest.fixture(scope="module")
+def results(shapes_demo):
+    return json.loads((shapes_demo / "results.json").read_text())
+
+
+def test_demo_learns_above_chance(results):
+    checks = results["checks"]
+    r, chance = results["retrieval"], results["retrieval_chance"]
+    # The margins are what they say they are.
+    assert checks["text_r1_over_chance"] == pytest.approx(r["txt_r1"] - chance["txt_r1"])
+    assert checks["cider_over_random_image"] == pytest.approx(
+        100 * (results["caption"]["CIDEr"] - results["caption_random_image"]["CIDEr"])
+    )
+    n_test = len(json.loads(open(results["world"]["test_retrieval"]).read()))
+    assert chance["img_r1"] == pytest.approx(100 / n_test)
+    failed = {k: (checks[k], floor) for k, floor in MARGINS.items() if not checks[k] > floor}
+    assert not failed, f"learned less than the margins (got, floor): {failed}"
+
+
+def test_demo_measures_vqa_per_type_with_both_baselines(results):
+    for llm in ("opt", "t5"):
+        runs = results["vqa"][llm]
+        for name in ("image", "blind", "random_image"):
+            m = runs[name]
+            assert set(m["per_question_type"]) == {"colour", "shape", "count", "exists"}, (llm, name)
+            assert 0.0 <= m["overall"] <= 100.0
+        # Blind answers come from the same LM with no soft prompt: they cannot depend on the image.
+        assert runs["blind"]["overall"] != pytest.approx(100.0)
+
+
+def test_demo_report(shapes_demo, results):
+    report = (shapes_demo / "report.md").read_text()
+    for section in ("## Stage 0", "## Retrieval", "## Captioning", "## Zero-shot VQA", "## Learned, or not?",
+                    "## Training", "## Gallery"):  # fmt: skip
+        assert section in report
+    for name in ("loss_stage1.png", "loss_stage2_opt.png", "loss_stage2_t5.png"):
+        assert (shapes_demo / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report
+    gallery = sorted((shapes_demo / "gallery").glob("*.png"))
+    assert len(gallery) == 8 and all(f"gallery/{p.name}" in report for p in gallery)
+    # Every figure in the report is a figure of results.json.
+    assert f"| text retrieval | {results['retrieval']['txt_r1']:.1f} |" in report
+    assert f"| BLIP-2 (ours) | {100 * results['caption']['Bleu_4']:.1f} |" in report
+    # The runs went through the real entry points: each stage left its config, log and final checkpoint.
+    for run in ("stage1", "stage2_opt", "stage2_t5"):
+        assert (shapes_demo / run / "final").is_dir() and (shapes_demo / run / "config.yaml").is_file()
+    stage2 = (shapes_demo / "stage2_t5" / "config.yaml").read_text()
+    assert "stage1/final" in stage2  # stage 2 starts from stage 1
