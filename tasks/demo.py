@@ -208,8 +208,9 @@ def run_demo(out: str | Path, fast: bool = False, seed: int = 0) -> dict:
 
 def learned_margins(results: dict) -> dict[str, float]:
     """How far each learned figure is above what a pipeline that learned nothing from the images would score
-    (points; positive = above). A Q-Former whose ITC gets no gradient leaves retrieval at chance; a soft prompt the
-    LM ignores gives the same captions and answers for every image, so the random-image baselines equal the model."""
+    (points; positive = above). A soft prompt the LM ignores gives the same captions and answers for every image, so
+    the random-image baselines equal the model (margin 0); an ITC that cannot move the image features leaves the
+    ITC-only recall near chance."""
     r, itc, chance = results["retrieval"], results["retrieval_itc"], results["retrieval_chance"]
     margins = {
         "text_r1_over_chance": r["txt_r1"] - chance["txt_r1"],

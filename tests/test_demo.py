@@ -4,8 +4,9 @@ captioning, zero-shot VQA) through the real entry points, and what it must have 
 The margins are points above a pipeline that learned nothing from the images, measured by the demo itself on the
 held-out test images: retrieval against chance, captions against the most common caption and against our own
 captions scored for a random other image, VQA against the same frozen LM with no image (blind) and with a random
-image. A Q-Former whose ITC gets no gradient stays at chance; a soft prompt the LM ignores gives the same captions
-and answers for every image, which puts the model on its random-image baselines (margin 0)."""
+image. Sabotaged runs measured once (closing note of issue 7): with ITC given no gradient to the image side, the
+ITC recall mean came out 8.8 points over chance (this run: 24.3; floor 14); with the soft prompt zeroed, every
+image got the same caption and CIDEr over the random-image baseline was 0.0 (this run: about 49; floor 15)."""
 
 from __future__ import annotations
 
