@@ -202,6 +202,24 @@ def _train_loop(model, batch_fn, steps: int, lr: float, name: str, probe=None, p
     return loss.item()
 
 
+def _train_and_save(
+    model, tokenizer, batch_fn, *, name: str, steps: int, lr: float, out_dir, corpus, eval_corpus, probe_every: int,
+    info: dict, t0: float,
+) -> Path:  # fmt: skip
+    """Train, save model and tokenizer with `save_pretrained`, write `out_dir/shapes_eval.json` (with the held-out
+    accuracies of `evaluate_lm` when `eval_corpus` is given)."""
+    probe = (lambda: evaluate_lm(model, tokenizer, eval_corpus, limit=200, modes=PROBE_MODES)) if eval_corpus else None
+    final_loss = _train_loop(model, batch_fn, steps, lr, name, probe, probe_every)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = {"steps": steps, **info, "loss": final_loss, "train_seconds": time.time() - t0}
+    if eval_corpus:
+        info.update(evaluate_lm(model, tokenizer, eval_corpus, prior_corpus=corpus))
+    (out_dir / "shapes_eval.json").write_text(json.dumps(info, indent=1))
+    return out_dir
+
+
 def train_opt(
     corpus: str | Path,
     tokenizer_dir: str | Path,
@@ -258,16 +276,10 @@ def train_opt(
         w = weights[:, 1:].flatten()
         return (losses * w).sum() / w.sum()
 
-    probe = (lambda: evaluate_lm(model, tokenizer, eval_corpus, limit=200, modes=PROBE_MODES)) if eval_corpus else None
-    final_loss = _train_loop(model, batch, steps, lr, "opt", probe, probe_every)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    info = {"steps": steps, "hidden": hidden, "layers": layers, "loss": final_loss, "train_seconds": time.time() - t0}
-    if eval_corpus:
-        info.update(evaluate_lm(model, tokenizer, eval_corpus, prior_corpus=corpus))
-    (out_dir / "shapes_eval.json").write_text(json.dumps(info, indent=1))
-    return out_dir
+    return _train_and_save(
+        model, tokenizer, batch, name="opt", steps=steps, lr=lr, out_dir=out_dir, corpus=corpus,
+        eval_corpus=eval_corpus, probe_every=probe_every, info=dict(hidden=hidden, layers=layers), t0=t0,
+    )  # fmt: skip
 
 
 def train_t5(
@@ -323,16 +335,10 @@ def train_t5(
         labels = _pad([r[1] for r in rows], -100)
         return model(input_ids=enc, attention_mask=(enc != PAD_ID).long(), labels=labels).loss
 
-    probe = (lambda: evaluate_lm(model, tokenizer, eval_corpus, limit=200, modes=PROBE_MODES)) if eval_corpus else None
-    final_loss = _train_loop(model, batch, steps, lr, "t5", probe, probe_every)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    info = {"steps": steps, "hidden": hidden, "layers": layers, "loss": final_loss, "train_seconds": time.time() - t0}
-    if eval_corpus:
-        info.update(evaluate_lm(model, tokenizer, eval_corpus, prior_corpus=corpus))
-    (out_dir / "shapes_eval.json").write_text(json.dumps(info, indent=1))
-    return out_dir
+    return _train_and_save(
+        model, tokenizer, batch, name="t5", steps=steps, lr=lr, out_dir=out_dir, corpus=corpus,
+        eval_corpus=eval_corpus, probe_every=probe_every, info=dict(hidden=hidden, layers=layers), t0=t0,
+    )  # fmt: skip
 
 
 @torch.no_grad()
