@@ -63,6 +63,10 @@ def config_from_dict(values: dict) -> Blip2Config:
     if unknown:
         raise ValueError(f"unknown Blip2Config key(s): {', '.join(unknown)}")
     kwargs = dict(values)
+    if isinstance(kwargs.get("llm"), dict) and "t5_dense_act_fn" not in kwargs["llm"]:
+        # Written before the field existed: that model ran its LLM with the folder's own activation, so keep it
+        # (the field's default, "gelu", would change a T5 checkpoint's outputs).
+        kwargs["llm"] = {**kwargs["llm"], "t5_dense_act_fn": None}
     for name, cls in parts.items():
         if name in kwargs:
             fields = {f.name for f in dataclasses.fields(cls)}

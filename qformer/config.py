@@ -190,12 +190,35 @@ class LLMConfig:
     # T5 pretraining: split each caption at a uniform word in [1, len/2]: the prefix goes to the encoder after the
     # soft prompt, the rest is the decoder's target. With a prompt (captioning fine-tuning) the prompt is the prefix.
     prefix_lm: bool = True
+    # The share of captions given whole to the decoder, with no text prefix after the soft prompt (the rest are split
+    # as above). The paper says only "prefix LM" and our default never leaves the prefix empty; a toy T5 that falls
+    # back on the prefix learns the soft prompt faster when part of the captions must come from the image alone
+    # (the shapes demo uses 0.5; README, "The shapes demo").
+    prefix_lm_full_caption: float = 0.0
+    # The gated-FFN activation (`dense_act_fn`) given to a T5-family LLM (an encoder-decoder config that has
+    # `dense_act_fn`) when it is loaded; any name in transformers' ACT2FN, or None to keep the folder's own. Flan-T5's
+    # own config says "gelu_new" (tanh approximation), but LAVIS and transformers' BLIP-2 conversion both ran it with
+    # exact "gelu", and the published numbers come from that. Decoder-only LLMs (OPT) ignore it. Checkpoints written
+    # before this field existed read as None: they ran with the folder's own activation.
+    t5_dense_act_fn: str | None = "gelu"
 
     def __post_init__(self) -> None:
         if self.dtype not in PRECISIONS:
             raise ValueError(f"LLMConfig.dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         if self.max_text_length < 2:
             raise ValueError(f"LLMConfig.max_text_length must be >= 2, got {self.max_text_length}")
+        if not 0.0 <= self.prefix_lm_full_caption <= 1.0:
+            raise ValueError(f"LLMConfig.prefix_lm_full_caption must be in [0, 1], got {self.prefix_lm_full_caption!r}")
+        if self.t5_dense_act_fn is not None:
+            check_activation(self.t5_dense_act_fn, "LLMConfig.t5_dense_act_fn")
+
+
+def check_activation(name: str, what: str) -> None:
+    """A one-line ValueError naming `name` unless it is a key of transformers' ACT2FN (what model configs name)."""
+    from transformers.activations import ACT2FN  # lazy: configs are built in places that never touch an LLM
+
+    if not isinstance(name, str) or name not in ACT2FN:
+        raise ValueError(f"{what} {name!r} is not an activation transformers knows; known: {', '.join(sorted(ACT2FN))}")
 
 
 @dataclass
@@ -241,4 +264,12 @@ class Blip2Config:
         return cls(vision=vision, qformer=QFormerConfig.preset(qformer), embed_dim=embed)
 
 
-__all__ = ["QFormerConfig", "QFORMER_PRESETS", "VisionConfig", "LLMConfig", "Blip2Config", "VISION_WIDTHS"]
+__all__ = [
+    "QFormerConfig",
+    "QFORMER_PRESETS",
+    "VisionConfig",
+    "LLMConfig",
+    "Blip2Config",
+    "VISION_WIDTHS",
+    "check_activation",
+]

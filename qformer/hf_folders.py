@@ -26,6 +26,10 @@ What the two sides do differently, and how the folders handle it:
 - Flan-T5 keeps its LM head apart from its input embeddings; transformers 5's `T5Config` always says tied, so loading
   such an export (like loading Flan-T5 itself) logs transformers' "both are present ... will NOT tie them" warning and
   keeps the two tensors apart, which is right. `load_transformers_folder` ties only keys the folder leaves out.
+- T5-family LLMs: the gated-FFN activation travels as `text_config.dense_act_fn` (exact "gelu" in the
+  Salesforce/blip2-flan-t5-* folders, as LAVIS ran Flan-T5, not the "gelu_new" of Flan-T5's own config): an export
+  copies our LLM's config; loading a folder builds the LLM from text_config, and `Blip2Stage2` records that LLM's
+  activation as `llm.t5_dense_act_fn`, so saving the model as ours and loading it again keeps it.
 - decoder-only LLMs: `text_config.eos_token_id` is set to our end-of-text token (`"\n"` for OPT, as in the
   Salesforce/blip2-opt-* folders), so transformers' `generate` stops where ours does; the exported tokenizer pads on
   the left (batched generation), as our `Blip2Stage2.generate` does.
@@ -45,6 +49,7 @@ from torch import Tensor, nn
 
 from qformer.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
 from qformer.convert import CheckpointError, convert_state_dict
+from qformer.stage2 import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # DESIGN.md section 6
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<image>"
 LLM_PREFIX = "language_model."
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STAGE2_CLASS = "Blip2ForConditionalGeneration"
 STAGE1_CLASS = "Blip2ForImageTextRetrieval"
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
@@ -480,7 +484,7 @@ def _our_config(config, dtype_name: str, config_file: Path) -> Blip2Config:
         qformer=qformer,
         embed_dim=config.image_text_hidden_size,
         ln_vision_eps=vc.layer_norm_eps,  # transformers' post_layernorm = our ln_vision
-        llm=LLMConfig(dtype=dtype_name),
+        llm=LLMConfig(dtype=dtype_name),  # t5_dense_act_fn: Blip2Stage2 records the activation of the LLM built here
     )
 
 

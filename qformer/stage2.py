@@ -14,14 +14,18 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from qformer.caption import GenerationConfig
-from qformer.config import Blip2Config
+from qformer.config import Blip2Config, check_activation
 from qformer.convert import QFORMER_KEYS, KeyMap, convert_state_dict, load_converted
 from qformer.qformer import QFormer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,26 +36,49 @@ VQA_GENERATION = GenerationConfig(max_new_tokens=10, min_new_tokens=1, num_beams
 CAPTION_GENERATION = GenerationConfig(max_new_tokens=30, min_new_tokens=8, num_beams=5)
 
 
-def load_llm(path: str, dtype: str) -> tuple[nn.Module, object]:
-    """A frozen causal or seq2seq LM and its tokenizer from a local transformers folder (or reachable hub name)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+def read_llm_config(path: str) -> PretrainedConfig:
+    """The transformers config of a language model folder (or reachable hub name); FileNotFoundError naming `path`."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"cannot read a language model config from {path!r}: {e}") from e
+
+
+def load_llm(path: str, dtype: str, *, t5_dense_act_fn: str | None = None) -> tuple[nn.Module, object]:
+    """A frozen causal or seq2seq LM and its tokenizer from a local transformers folder (or reachable hub name).
+
+    t5_dense_act_fn: the gated-FFN activation for a T5-family model (see `LLMConfig.t5_dense_act_fn`; LAVIS runs
+    Flan-T5 with "gelu"); None keeps the folder's own. Models without `dense_act_fn` (OPT) ignore it.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config = read_llm_config(path)
     if config.is_encoder_decoder and dtype == "fp16":
         raise ValueError(f"{path}: T5-style models overflow in fp16; use dtype bf16 (or fp32)")
+    if t5_dense_act_fn is not None and config.is_encoder_decoder and hasattr(config, "dense_act_fn"):
+        check_activation(t5_dense_act_fn, "t5_dense_act_fn")
+        if config.dense_act_fn != t5_dense_act_fn:
+            # The config, not the weights, picks the activation: set it before the model is built.
+            logger.info(
+                "%s: gated-FFN activation %s replaced by %s (llm.t5_dense_act_fn)",
+                path,
+                config.dense_act_fn,
+                t5_dense_act_fn,
+            )
+            config.dense_act_fn = t5_dense_act_fn
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    llm = cls.from_pretrained(path, dtype=DTYPES[dtype])
+    llm = cls.from_pretrained(path, config=config, dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(path)
     return llm, tokenizer
 
 
-def prefix_lm_split(text: str, rng: random.Random) -> tuple[str, str]:
-    """Split a caption at a uniform word k in [1, n/2]: (first k words, the rest)."""
+def prefix_lm_split(text: str, rng: random.Random, full_caption: float = 0.0) -> tuple[str, str]:
+    """Split a caption at a uniform word k in [1, n/2]: (first k words, the rest); with probability `full_caption`
+    the prefix is empty and the whole caption is the target."""
     words = text.split()
-    if len(words) < 2:
+    if len(words) < 2 or (full_caption and rng.random() < full_caption):
         return "", text
     k = rng.randint(1, max(1, len(words) // 2))
     return " ".join(words[:k]), " ".join(words[k:])
@@ -82,7 +109,18 @@ class Blip2Stage2(nn.Module):
         if llm is None:
             if not cfg.llm.path:
                 raise ValueError("stage 2 needs a language model: set llm.path (a local transformers folder)")
-            llm, tokenizer = load_llm(cfg.llm.path, cfg.llm.dtype)
+            llm, tokenizer = load_llm(cfg.llm.path, cfg.llm.dtype, t5_dense_act_fn=cfg.llm.t5_dense_act_fn)
+        elif llm.config.is_encoder_decoder and hasattr(llm.config, "dense_act_fn"):
+            # A model handed in runs with its own activation: record that one, so a checkpoint saved from this model
+            # rebuilds its LLM the same way.
+            act = llm.config.dense_act_fn
+            if act != cfg.llm.t5_dense_act_fn:
+                logger.info(
+                    "llm.t5_dense_act_fn %s -> %s: the language model given runs with that",
+                    cfg.llm.t5_dense_act_fn,
+                    act,
+                )
+            self.cfg = replace(self.cfg, llm=replace(self.cfg.llm, t5_dense_act_fn=act))
         if tokenizer is None:
             raise ValueError("pass the tokenizer of the language model you pass")
         self.llm = llm.requires_grad_(False).eval()
@@ -171,7 +209,8 @@ class Blip2Stage2(nn.Module):
             if llm_cfg.prompt:
                 text, text_output = [llm_cfg.prompt] * len(text), text
             elif llm_cfg.prefix_lm:
-                text, text_output = map(list, zip(*(prefix_lm_split(t, self._rng) for t in text), strict=True))
+                full = llm_cfg.prefix_lm_full_caption
+                text, text_output = map(list, zip(*(prefix_lm_split(t, self._rng, full) for t in text), strict=True))
             else:
                 raise ValueError("T5 training needs text_output, a prompt, or prefix_lm=True")
         tok = dict(padding="longest", truncation=True, max_length=llm_cfg.max_text_length, return_tensors="pt")

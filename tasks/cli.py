@@ -2,6 +2,7 @@
 
 qformer convert blip2_pretrained.pth runs/ckpt --from lavis --preset paper --vision-weights eva_vit_g.pth --bert BERT
 qformer convert blip2_opt.pth runs/opt --from lavis --llm /models/opt-2.7b --vision-weights eva_vit_g.pth
+qformer convert blip2_flant5xl.pth runs/t5 --from lavis --llm /models/flan-t5-xl --vision-weights eva_vit_g.pth
 qformer convert /models/blip2-opt-2.7b runs/opt --from transformers
 qformer convert runs/opt exported/ --from ours --to transformers
 qformer caption photo.jpg --checkpoint runs/opt
@@ -108,11 +109,15 @@ def _from_lavis(args: argparse.Namespace, state: dict):
     if stage2:
         if not args.llm:
             raise ValueError(f"{args.source} is a stage-2 file: pass --llm with the language model's folder")
-        llm = dataclasses.replace(cfg.llm, path=args.llm, dtype=args.llm_dtype or cfg.llm.dtype)
-        cfg = dataclasses.replace(cfg, llm=llm)
-        from qformer.stage2 import Blip2Stage2, load_stage2_state
+        from qformer.stage2 import Blip2Stage2, load_stage2_state, read_llm_config
 
-        model = Blip2Stage2(cfg)
+        dtype = args.llm_dtype
+        if dtype is None:
+            # LAVIS runs OPT in fp16 and casts Flan-T5 to bf16 (T5 overflows in fp16).
+            dtype = "bf16" if read_llm_config(args.llm).is_encoder_decoder else "fp16"
+            logger.info("%s: frozen LLM in %s (pass --llm-dtype to choose)", args.llm, dtype)
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, path=args.llm, dtype=dtype))
+        model = Blip2Stage2(cfg)  # Flan-T5 with exact GELU (llm.t5_dense_act_fn), as LAVIS ran it
         load_stage2_state(model, state, "lavis", source=args.source)
     else:
         from qformer.blip2 import Blip2Stage1, load_stage1_state
@@ -225,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", dest="dst_fmt", choices=["ours", "transformers"], default="ours")
     c.add_argument("--preset", default="paper", help="model shape of a LAVIS file: paper (ViT-g) or paper_vitl")
     c.add_argument("--llm", help="the language model's folder (LAVIS stage-2 files)")
-    c.add_argument("--llm-dtype", choices=["fp32", "fp16", "bf16"], help="frozen LLM precision (T5: bf16)")
+    c.add_argument(
+        "--llm-dtype",
+        choices=["fp32", "fp16", "bf16"],
+        help="frozen LLM precision; default as LAVIS: bf16 for T5 (encoder-decoder), fp16 for OPT",
+    )
     c.add_argument("--vision-weights", help="frozen ViT weights when the file has none (eva_vit_g.pth)")
     c.add_argument("--image-size", type=int, help="image size (e.g. 364 for fine-tuned files)")
     c.add_argument("--bert", help="BERT folder: its tokenizer (+[DEC]) is saved with a stage-1 checkpoint")

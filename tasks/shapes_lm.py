@@ -150,24 +150,25 @@ def _opt_example(text: _Text, scene, rng: random.Random) -> tuple[list[int], lis
 
 
 def _t5_example(text: _Text, scene, rng: random.Random) -> tuple[list[int], list[int]]:
-    """(encoder ids, decoder target ids), both ending in `</s>`, in one of three formats:
+    """(encoder ids, decoder target ids), both ending in `</s>`, in one of two formats, half of each:
 
-    C[:k] -> C[k:]                        prefix LM, k uniform in [1, n/2] (stage 2's split)
     C Question: q Short answer: -> a
-    C C'[:k] -> C'[k:]                    the scene before the text, where stage 2 puts the soft prompt
+    C C'[:k] -> C'[k:]                    the scene before the text, where stage 2 puts the soft prompt; k uniform in
+                                          [0, n/2] (k = 0: the whole caption from the scene alone)
+
+    Every example has a scene before the text. A T5 also trained to continue captions with no scene (prefix LM alone,
+    a quarter of the examples before) learns to fall back on the prefix: its continuation loss rose only from 0.83
+    to 0.88 without the scene, stage 2 had almost nothing to learn from the image, and its soft prompt stayed
+    image-blind (zero-shot VQA 0 points over the blind T5). Without that format the scene is worth 2 nats per token
+    and stage 2 learns from it (see the README's shapes-demo section).
     """
     caption, qa = rng.choice(scene)
-    form = rng.choices(range(3), weights=(0.25, 0.5, 0.25))[0]
-    if form == 1 and not qa:
-        form = 0
-    if form == 1:
+    if qa and rng.random() < 0.5:
         q, a = rng.choice(qa)
         return text(caption) + text(_Text.prompt(q)) + [EOS_ID], text(a) + [EOS_ID]
-    target = caption if form == 0 else rng.choice(scene)[0]
-    words = target.split()
-    k = rng.randint(1, max(1, len(words) // 2))
-    context = [] if form == 0 else text(caption)
-    return context + text(" ".join(words[:k])) + [EOS_ID], text(" ".join(words[k:])) + [EOS_ID]
+    words = rng.choice(scene)[0].split()
+    k = rng.randint(0, max(1, len(words) // 2))
+    return text(caption) + text(" ".join(words[:k])) + [EOS_ID], text(" ".join(words[k:])) + [EOS_ID]
 
 
 def _pad(rows: list[list], value) -> Tensor:

@@ -90,7 +90,8 @@ def reference_scores(setup, score="itm+itc"):
 
     def pair(i, j):
         itm = model.itm_logits(embeds[i : i + 1], enc.input_ids[j : j + 1], enc.attention_mask[j : j + 1])[0, 1]
-        return {"itm+itc": itm + sim[i, j], "itm": itm, "itc": sim[i, j]}[score]
+        logit = sim[i, j] / model.temp  # the ITC loss's logit
+        return {"itm+itc": itm + sim[i, j], "itm": itm, "itc": sim[i, j], "itm+itc_logit": itm + logit}[score]
 
     s_i2t = torch.full((N_IMG, len(texts)), -100.0)
     for i in range(N_IMG):
@@ -120,7 +121,7 @@ def recalls(s_i2t, s_t2i):
     return out
 
 
-@pytest.mark.parametrize("score", ["itm+itc", "itc"])
+@pytest.mark.parametrize("score", ["itm+itc", "itc", "itm+itc_logit"])
 def test_eval_equals_the_per_query_reference(setup, tmp_path, score):
     out = tmp_path / "out"
     assert cli(["eval", _write_yaml(setup, out, score)]) == 0

@@ -10,6 +10,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tasks.config import ConfigError
 
 TASKS = ("retrieval", "vqa", "gqa", "caption")
+SCORES = ("itm+itc", "itm+itc_logit", "itm", "itc")
 
 
 @dataclass
@@ -32,7 +33,9 @@ class EvalConfig:
     limit: int = 0  # evaluate the first N images/questions only (0 = all)
     # Retrieval: ITC for every pair, then ITM re-ranks the top k_test candidates of every image and every text.
     k_test: int = 128
-    score: str = "itm+itc"  # itm+itc (the reference) | itm | itc
+    # itm+itc: ITM positive logit + ITC cosine similarity (the reference); itm+itc_logit: ITM positive logit + ITC logit
+    # (the cosine divided by the learned temperature, both terms on the logit scale); itm; itc.
+    score: str = "itm+itc"
     max_text_length: int = 35
     # Generation (VQA / captioning).
     prompt: str = "Question: {} Short answer:"
@@ -46,8 +49,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.score not in ("itm+itc", "itm", "itc"):
-            raise ValueError(f"score must be itm+itc, itm or itc, got {self.score!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.vqa_eval_version not in ("lavis", "official"):
             raise ValueError(f"vqa_eval_version must be lavis or official, got {self.vqa_eval_version!r}")
 

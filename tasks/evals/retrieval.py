@@ -2,7 +2,8 @@
 
     1. ITC: every image's 32 query features and every text's feature; similarity = max over queries.
     2. The top `k_test` texts of every image and images of every text are re-ranked by ITM; the score of a
-       candidate is ITM positive logit + ITC similarity (the reference), or either alone; all others get -100.
+       candidate is ITM positive logit + ITC similarity (the reference), ITM logit + ITC logit (similarity divided
+       by the learned temperature), or either alone; all others get -100.
 
 What makes it fast, with the same numbers as the reference's per-query loop:
     - ranks split the images (and texts) instead of each encoding everything;
@@ -194,7 +195,10 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, cfg: EvalConfig, device: t
         pairs = all_gather_variable(torch.stack([img.float(), txt.float(), itm], dim=1))  # [P_all, 3]
         itm_all = torch.full((n_img, n_txt), float("nan"), device=device)
         itm_all[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
-        extra = sim if cfg.score == "itm+itc" else torch.zeros_like(sim)
+        # The reference adds the cosine, whose spread within a top-k is a small fraction of the ITM logits': the
+        # re-rank is then ITM's alone. On the logit scale (cosine / temperature, as in the ITC loss) both count.
+        extra = {"itm+itc": sim, "itm+itc_logit": sim / model.temp.detach().float(), "itm": torch.zeros_like(sim)}
+        extra = extra[cfg.score]
         score_i2t.scatter_(1, i2t_topk, (itm_all + extra).gather(1, i2t_topk))
         score_t2i.scatter_(1, t2i_topk, (itm_all + extra).t().gather(1, t2i_topk))
     metrics = retrieval_metrics(score_i2t.cpu(), data.txt2img, data.img2txt, scores_t2i=score_t2i.cpu())
