@@ -74,6 +74,10 @@ class TrainConfig:
     output_dir: str = MISSING
     precision: str = "bf16"  # autocast dtype: bf16 | fp16 (with a GradScaler) | fp32
     seed: int = 42
+    # torch.use_deterministic_algorithms for this process (warn-only). On 2 CPU threads a shapes-demo stage 1 drifts in
+    # the 7th digit within 20 steps without it, and ends a few points of VQA away; on CUDA also set
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8.
+    deterministic: bool = False
     save_every: int = 5000  # steps between checkpoints (and one at the end)
     keep_last: int = 3
     log_every: int = 50

@@ -300,6 +300,8 @@ def train(cfg: TrainConfig) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, tokenizer = build_model(cfg)
     model.to(device)

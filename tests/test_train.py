@@ -162,6 +162,20 @@ def test_bad_images_are_skipped_counted_and_named(assets, tmp_path):
     assert "000.jpg" in str(err.value)
 
 
+def test_deterministic_turns_on_torchs_deterministic_algorithms(assets, tmp_path, monkeypatch):
+    from tasks.config import load_config
+    from tasks.train import train as train_in_process
+
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append((a, k)))
+    for flag in (False, True):
+        cfg = tiny_stage1_config(tmp_path, assets["ann"], tmp_path / f"run_{flag}", assets["bert"], save_every=100)
+        cfg["optim"]["total_steps"] = 1
+        cfg["deterministic"] = flag
+        train_in_process(load_config(write_config(tmp_path / f"det_{flag}.yaml", **cfg)))
+    assert calls == [((True,), {"warn_only": True})]
+
+
 def test_unknown_config_key_fails_before_any_work(assets, tmp_path, capsys):
     from tasks.train import main
 
