@@ -197,8 +197,13 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, cfg: EvalConfig, device: t
         itm_all[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
         # The reference adds the cosine, whose spread within a top-k is a small fraction of the ITM logits': the
         # re-rank is then ITM's alone. On the logit scale (cosine / temperature, as in the ITC loss) both count.
-        extra = {"itm+itc": sim, "itm+itc_logit": sim / model.temp.detach().float(), "itm": torch.zeros_like(sim)}
-        extra = extra[cfg.score]
+        # Only the chosen term: each is an [images, texts] matrix (COCO 5k: 0.5 GB in fp32).
+        if cfg.score == "itm+itc":
+            extra = sim
+        elif cfg.score == "itm+itc_logit":
+            extra = sim / model.temp.detach().float()
+        else:
+            extra = torch.zeros_like(sim)
         score_i2t.scatter_(1, i2t_topk, (itm_all + extra).gather(1, i2t_topk))
         score_t2i.scatter_(1, t2i_topk, (itm_all + extra).t().gather(1, t2i_topk))
     metrics = retrieval_metrics(score_i2t.cpu(), data.txt2img, data.img2txt, scores_t2i=score_t2i.cpu())
