@@ -13,11 +13,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from qformer.convert import CheckpointError, KeyMap
+from qformer.convert import CheckpointError, KeyMap, check_state_dict
 from qformer.qformer import QFormer
+from qformer.tensor_files import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -67,26 +67,13 @@ _CONFIG_CHECKS = (
 
 
 def read_bert_state(folder: str | Path) -> dict[str, Tensor]:
-    """BERT weights from `model.safetensors` or `pytorch_model.bin`, with `bert.` and gamma/beta names normalised."""
+    """BERT weights from a transformers folder (`model.safetensors`, sharded or not, or `pytorch_model.bin`), with
+    `bert.` and gamma/beta names normalised."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"BERT folder not found: {folder}")
-    if (folder / "model.safetensors").is_file():
-        path = folder / "model.safetensors"
-        try:
-            state = load_file(path)
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise CheckpointError(f"cannot read {path}: {e}") from e
-    elif (folder / "pytorch_model.bin").is_file():
-        path = folder / "pytorch_model.bin"
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from e
-    else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in BERT folder {folder}")
     out = {}
-    for key, value in state.items():
+    for key, value in read_state_dict(folder).items():
         key = key.removeprefix("bert.")
         # Old BERT checkpoints (bert-base-uncased among them) name LayerNorm parameters gamma/beta.
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
@@ -143,25 +130,22 @@ def init_from_bert(model: QFormer, folder: str | Path) -> dict[str, list[str]]:
     if not any(k in ours for k in head_keys):
         logger.warning("BERT folder %s has no MLM head (cls.predictions.*): the Q-Former LM head stays fresh", folder)
         text_keys = [k for k in text_keys if k not in head_keys]
-    missing = sorted(k for k in text_keys if k not in ours)
-    extra = sorted(k for k in ours if k not in target)
-    if missing or extra:
-        raise CheckpointError(
-            f"BERT folder {folder} does not fit the Q-Former: missing {missing or 'none'}; unexpected {extra or 'none'}"
-        )
-
-    grown = ("embeddings.word.weight", "lm_head.bias")
+    # Rows past BERT's vocabulary (the added [DEC]) keep their fresh init, so the word embedding and LM-head bias
+    # may have fewer rows than ours; every other key and shape must fit exactly.
+    grown = {
+        k
+        for k in ("embeddings.word.weight", "lm_head.bias")
+        if k in ours
+        and k in target
+        and ours[k].shape[0] <= target[k].shape[0]
+        and ours[k].shape[1:] == target[k].shape[1:]
+    }
+    exact = {k: v for k, v in ours.items() if k not in grown}
+    fresh_or_grown = [k for k in target if k not in text_keys or k in grown]
+    check_state_dict(model, exact, source=f"BERT folder {folder}", allowed_missing=fresh_or_grown)
     with torch.no_grad():
         for key in text_keys:
-            value, dest = ours[key], target[key]
-            if key in grown and value.shape[0] <= dest.shape[0] and value.shape[1:] == dest.shape[1:]:
-                dest[: value.shape[0]].copy_(value)  # rows past BERT's vocabulary ([DEC]) keep their fresh init
-            elif value.shape != dest.shape:
-                raise CheckpointError(
-                    f"BERT folder {folder}: {key} has shape {tuple(value.shape)}, the Q-Former {tuple(dest.shape)}"
-                )
-            else:
-                dest.copy_(value)
+            target[key][: ours[key].shape[0]].copy_(ours[key])  # the whole tensor unless its rows grew
         # The query FFN starts as a copy of the text FFN (stage 1 of the reference).
         for layer in model.layers:
             layer.ffn_query.load_state_dict(layer.ffn_text.state_dict())

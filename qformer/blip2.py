@@ -211,10 +211,7 @@ def load_stage1_state(
     encoder keeps the weights it was built with); a transformers retrieval folder has no ITC temperature and no
     Q-Former LM head (those keep their initial values, and a warning says so).
     """
-    prefix = VISUAL_PREFIX[fmt]
-    ln_vision_key = "vision_model.post_layernorm."  # transformers keeps ln_vision inside vision_model
-    visual = {k: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(ln_vision_key)}
-    rest = {k: v for k, v in state.items() if k not in visual}
+    visual, rest = split_visual_state(state, fmt)
     allowed = ["visual."]
     if fmt == "transformers":
         allowed += ["temp", "qformer.lm_head."]
@@ -222,14 +219,31 @@ def load_stage1_state(
             "%s: transformers' BLIP-2 has no ITC temperature or Q-Former LM head; they keep their init", source
         )
     dropped = load_converted(model, rest, fmt, key_map=STAGE1_KEYS, source=source, allowed_missing=allowed)
+    return dropped + load_visual_state(model, visual, fmt, source=source, require_visual=require_visual)
+
+
+def split_visual_state(state: dict[str, Tensor], fmt: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the image encoder's keys, the rest) of a whole stage-1 or stage-2 checkpoint in `fmt` names."""
+    prefix = VISUAL_PREFIX[fmt]
+    ln_vision_key = "vision_model.post_layernorm."  # transformers keeps our ln_vision inside vision_model
+    visual = {k: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(ln_vision_key)}
+    return visual, {k: v for k, v in state.items() if k not in visual}
+
+
+def load_visual_state(
+    model: nn.Module, visual: dict[str, Tensor], fmt: str, *, source: str, require_visual: bool
+) -> list[str]:
+    """Load a checkpoint's image encoder keys (from `split_visual_state`) into `model.visual` strictly; returns the
+    keys left out on purpose. No keys: the encoder keeps the weights it was built with, unless `require_visual`."""
+    prefix = VISUAL_PREFIX[fmt]
     if visual:
         if model.visual is None:
             raise ValueError(f"{source} holds image encoder weights ({prefix}*) but the model has no image encoder")
         from qformer.vision import load_vision_weights
 
-        dropped += load_vision_weights(model.visual, visual, "timm" if fmt == "ours" else fmt, prefix=prefix)
-    elif require_visual:
+        return load_vision_weights(model.visual, visual, "timm" if fmt == "ours" else fmt, prefix=prefix)
+    if require_visual:
         raise ValueError(f"{source} has no image encoder weights ({prefix}*)")
-    elif model.visual is not None:
+    if model.visual is not None:
         logger.info("%s has no %s* keys: the image encoder keeps the weights it was built with", source, prefix)
-    return dropped
+    return []

@@ -1,4 +1,4 @@
-"""Our own checkpoints (a folder: `config.json` + `model.safetensors`) and reading any checkpoint file safely.
+"""Our own checkpoints: a folder of `config.json` + `model.safetensors` (read with `qformer.tensor_files`).
 
 The frozen LLM is never copied into a checkpoint: the config names its folder and loading rebuilds it from
 there. The frozen image encoder is copied only when the config names no weights file to rebuild it from.
@@ -11,13 +11,12 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import nn
 
 from qformer.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
-from qformer.convert import CheckpointError
+from qformer.convert import CheckpointError, check_state_dict
+from qformer.tensor_files import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -25,30 +24,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 LLM_DIR = "llm"  # relative paths in a checkpoint's config resolve against the checkpoint folder
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors from a `.pth`/`.pt`/`.bin` (torch.load with weights_only=True; LAVIS's {"model": ...} unwrapped) or a
-    `.safetensors` file. A missing, truncated or foreign file raises an error naming the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors (or {{'model': state dict}})")
-    return obj
 
 
 def config_to_dict(cfg: Blip2Config) -> dict:
@@ -133,16 +108,9 @@ def load_pretrained(folder: str | Path, **llm_overrides) -> nn.Module:
         model = Blip2Stage2(cfg)
     else:
         raise CheckpointError(f"{config_path}: unknown stage {stage!r}")
-    expected = model.state_dict()
+    # The frozen LLM, and the image encoder when its own weights file rebuilds it, are not in the file.
     may_lack = ("llm.", "visual.") if cfg.vision.weights else ("llm.",)
-    missing = sorted(k for k in expected if k not in state and not k.startswith(may_lack))
-    unexpected = sorted(k for k in state if k not in expected)
-    misshapen = sorted(k for k in state if k in expected and state[k].shape != expected[k].shape)
-    if missing or unexpected or misshapen:
-        raise CheckpointError(
-            f"{folder / WEIGHTS_NAME} does not fit its config: missing {missing or 'none'}; "
-            f"unexpected {unexpected or 'none'}; shape mismatches {misshapen or 'none'}"
-        )
+    check_state_dict(model, state, source=str(folder / WEIGHTS_NAME), allowed_missing=may_lack)
     model.load_state_dict(state, strict=False)  # strictness checked above; frozen parts came from their files
     return model.eval()
 

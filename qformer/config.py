@@ -1,4 +1,4 @@
-"""Typed configuration for the Q-Former, with named presets.
+"""Typed configuration for the Q-Former, with named presets, and the registry of built-in image encoders.
 
 Every real preset has a tiny twin that runs the same code path on a CPU in seconds, so tests exercise the
 real model rather than a stand-in. Invalid combinations fail at construction, naming the field.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+
+from qformer.dtypes import DTYPES
 
 
 @dataclass
@@ -126,9 +128,32 @@ QFORMER_PRESETS: dict[str, QFormerConfig] = {
 }
 
 
-# Token width of the built-in image encoders (others: read from timm at build time).
-VISION_WIDTHS = {"eva_vit_g": 1408, "clip_vit_l": 1024, "tiny": 48, "tiny_vitl": 40}
-PRECISIONS = ("fp32", "fp16", "bf16")
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shape of a built-in image encoder. `file_depth` is how many blocks its reference weight file holds."""
+
+    family: str  # "eva" or "clip": selects the timm class and the key map
+    width: int
+    depth: int
+    file_depth: int
+    num_heads: int
+    mlp_hidden: int
+    patch_size: int
+    norm_eps: float
+
+
+# The built-in image encoders, the one registry (qformer.vision builds them; other archs are timm:<name>).
+ARCHS: dict[str, ArchSpec] = {
+    "eva_vit_g": ArchSpec("eva", 1408, 39, 40, 16, 6144, 14, 1e-6),
+    "clip_vit_l": ArchSpec("clip", 1024, 23, 24, 16, 4096, 14, 1e-5),
+    "tiny": ArchSpec("eva", 48, 2, 3, 4, 96, 14, 1e-6),
+    "tiny_vitl": ArchSpec("clip", 40, 2, 3, 4, 160, 14, 1e-5),
+}
+# The pixel statistics both encoder families were trained with (OpenAI CLIP's; DESIGN.md section 6): every image
+# transform and exported image processor normalises with them.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+PRECISIONS = tuple(DTYPES)
 
 
 @dataclass
@@ -156,10 +181,8 @@ class VisionConfig:
     patch_size_override: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in VISION_WIDTHS and not self.arch.startswith("timm:"):
-            raise ValueError(
-                f"VisionConfig.arch {self.arch!r} is not one of {', '.join(VISION_WIDTHS)} or 'timm:<model name>'"
-            )
+        if self.arch not in ARCHS and not self.arch.startswith("timm:"):
+            raise ValueError(f"VisionConfig.arch {self.arch!r} is not one of {', '.join(ARCHS)} or 'timm:<model name>'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"VisionConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.weights_format not in ("auto", "lavis", "transformers", "timm"):
@@ -172,9 +195,9 @@ class VisionConfig:
     @property
     def width(self) -> int | None:
         """Token width for built-in archs; None for timm models (known once built)."""
-        if self.width_override and self.arch in VISION_WIDTHS:
-            return self.width_override
-        return VISION_WIDTHS.get(self.arch)
+        if self.arch not in ARCHS:
+            return None
+        return self.width_override or ARCHS[self.arch].width
 
 
 @dataclass
@@ -270,6 +293,9 @@ __all__ = [
     "VisionConfig",
     "LLMConfig",
     "Blip2Config",
-    "VISION_WIDTHS",
+    "ARCHS",
+    "ArchSpec",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "check_activation",
 ]

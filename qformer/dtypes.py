@@ -1,4 +1,4 @@
-"""The precision names that configs use ("fp32", "fp16", "bf16") and their torch dtypes: the one map every part reads."""
+"""The precision names configs use ("fp32", "fp16", "bf16") and their torch dtypes: the one map every part reads."""
 
 from __future__ import annotations
 

@@ -6,13 +6,13 @@
 Decoder-only (OPT): `[soft prompt; "</s>caption\\n"]`, loss on the caption only. Batched generation pads on the
 left, `[pads; soft prompt; prompt tokens]` (the layout transformers' BLIP-2 uses; OPT's positions skip the pads).
 Encoder-decoder (Flan-T5): encoder input `[soft prompt; text prefix]`, decoder target the rest of the text.
-Generation is transformers' `generate` on the LLM with these input embeddings.
+The model gives logits; tokenising captions for training and the loss are `tasks/stage2.py`'s (as stage 1's
+are `tasks/stage1.py`'s). Generation is transformers' `generate` on the LLM with these input embeddings.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from qformer.caption import GenerationConfig
 from qformer.config import Blip2Config, check_activation
 from qformer.convert import QFORMER_KEYS, KeyMap, convert_state_dict, load_converted
+from qformer.dtypes import to_dtype
 from qformer.qformer import QFormer
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VQA_PROMPT = "Question: {} Short answer:"
 # Zero-shot VQA decoding of the paper: 5 beams, at most 10 new tokens, at least 1, length penalty -1.
 VQA_GENERATION = GenerationConfig(max_new_tokens=10, min_new_tokens=1, num_beams=5, length_penalty=-1.0)
@@ -69,19 +69,9 @@ def load_llm(path: str, dtype: str, *, t5_dense_act_fn: str | None = None) -> tu
             )
             config.dense_act_fn = t5_dense_act_fn
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    llm = cls.from_pretrained(path, config=config, dtype=DTYPES[dtype])
+    llm = cls.from_pretrained(path, config=config, dtype=to_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return llm, tokenizer
-
-
-def prefix_lm_split(text: str, rng: random.Random, full_caption: float = 0.0) -> tuple[str, str]:
-    """Split a caption at a uniform word k in [1, n/2]: (first k words, the rest); with probability `full_caption`
-    the prefix is empty and the whole caption is the target."""
-    words = text.split()
-    if len(words) < 2 or (full_caption and rng.random() < full_caption):
-        return "", text
-    k = rng.randint(1, max(1, len(words) // 2))
-    return " ".join(words[:k]), " ".join(words[k:])
 
 
 class Blip2Stage2(nn.Module):
@@ -93,7 +83,6 @@ class Blip2Stage2(nn.Module):
         build_visual: bool = True,
         llm: nn.Module | None = None,
         tokenizer=None,
-        seed: int = 0,
     ):
         """llm, tokenizer: a language model and its tokenizer to use; loaded from `cfg.llm.path` when None."""
         super().__init__()
@@ -130,7 +119,6 @@ class Blip2Stage2(nn.Module):
         self.llm_proj = nn.Linear(qcfg.hidden_size, llm_width)
         nn.init.normal_(self.llm_proj.weight, std=qcfg.initializer_range)
         nn.init.zeros_(self.llm_proj.bias)
-        self._rng = random.Random(seed)  # prefix-LM split points
         if not self.is_encoder_decoder:
             end = tokenizer(cfg.llm.end_of_text, add_special_tokens=False).input_ids
             if len(end) != 1:
@@ -165,63 +153,34 @@ class Blip2Stage2(nn.Module):
     def _embed(self, ids: Tensor) -> Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    # -- training loss -------------------------------------------------------------------------------------------
+    # -- logits ------------------------------------------------------------------------------------------------
 
     def forward(
         self,
-        text: list[str],
+        input_ids: Tensor,  # [B, T] the text after the soft prompt (T5: the encoder's)
+        attention_mask: Tensor,  # [B, T]
         *,
-        images: Tensor | None = None,
-        image_tokens: Tensor | None = None,
-        text_output: list[str] | None = None,
-    ) -> dict[str, Tensor]:
-        """{"loss", "logits"}: OPT's LM loss on the caption only (logits over `[soft prompt; text]`); T5's loss on
-        the target part, prefix LM or given outputs (decoder logits)."""
+        images: Tensor | None = None,  # [B, 3, H, W]
+        image_tokens: Tensor | None = None,  # [B, N, E] frozen-encoder outputs, instead of images
+        decoder_input_ids: Tensor | None = None,  # [B, T_out] T5 only
+        decoder_attention_mask: Tensor | None = None,  # [B, T_out] T5 only
+    ) -> Tensor:
+        """The LLM's logits with the soft prompt before the text: decoder-only `[B, Q + T, V]` over
+        `[soft prompt; text]`; encoder-decoder `[B, T_out, V]`, the decoder's."""
         prompt = self.soft_prompt(images, image_tokens)
-        out = self._t5_loss(prompt, text, text_output) if self.is_encoder_decoder else self._opt_loss(prompt, text)
-        return {"loss": out.loss, "logits": out.logits}
-
-    def _opt_loss(self, prompt: Tensor, text: list[str]):
-        llm_cfg = self.cfg.llm
-        captions = [llm_cfg.prompt + t + llm_cfg.end_of_text for t in text]
-        enc = self.tokenizer(
-            captions,
-            padding="longest",
-            truncation=True,
-            max_length=llm_cfg.max_text_length,
-            return_tensors="pt",
-            padding_side="right",
-        ).to(prompt.device)
-        targets = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)  # [B, T]
-        if llm_cfg.prompt:
-            # The prompt's tokens (the tokenizer's BOS included) are given, not predicted.
-            n_prompt = len(self.tokenizer(llm_cfg.prompt).input_ids)
-            targets[:, :n_prompt] = -100
-        batch, queries = prompt.shape[:2]
-        no_loss = torch.full((batch, queries), -100, dtype=torch.long, device=prompt.device)
-        embeds = torch.cat([prompt, self._embed(enc.input_ids)], dim=1)  # [B, Q + T, H]
-        mask = torch.cat([torch.ones_like(no_loss), enc.attention_mask], dim=1)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([no_loss, targets], 1))
-
-    def _t5_loss(self, prompt: Tensor, text: list[str], text_output: list[str] | None):
-        llm_cfg = self.cfg.llm
-        if text_output is None:
-            if llm_cfg.prompt:
-                text, text_output = [llm_cfg.prompt] * len(text), text
-            elif llm_cfg.prefix_lm:
-                full = llm_cfg.prefix_lm_full_caption
-                text, text_output = map(list, zip(*(prefix_lm_split(t, self._rng, full) for t in text), strict=True))
-            else:
-                raise ValueError("T5 training needs text_output, a prompt, or prefix_lm=True")
-        tok = dict(padding="longest", truncation=True, max_length=llm_cfg.max_text_length, return_tensors="pt")
-        enc = self.tokenizer(text, **tok).to(prompt.device)
-        out = self.tokenizer(text_output, **tok).to(prompt.device)
-        embeds = torch.cat([prompt, self._embed(enc.input_ids)], dim=1)
-        mask = torch.cat([torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device), enc.attention_mask], 1)
-        labels = out.input_ids.masked_fill(out.attention_mask == 0, -100)
+        embeds = torch.cat([prompt, self._embed(input_ids)], dim=1)  # [B, Q + T, H]
+        ones = torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=prompt.device)
+        mask = torch.cat([ones, attention_mask], dim=1)
+        if not self.is_encoder_decoder:
+            return self.llm(inputs_embeds=embeds, attention_mask=mask).logits
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder LLM needs decoder_input_ids")
         return self.llm(
-            inputs_embeds=embeds, attention_mask=mask, decoder_attention_mask=out.attention_mask, labels=labels
-        )
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+        ).logits
 
     # -- generation ----------------------------------------------------------------------------------------------
 

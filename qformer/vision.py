@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import timm
@@ -36,35 +34,12 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from qformer.config import VISION_WIDTHS, VisionConfig
+from qformer.config import ARCHS, ArchSpec, VisionConfig
 from qformer.convert import VISION_FORMATS, CheckpointError, check_state_dict, convert_vision_state_dict
+from qformer.dtypes import to_dtype
+from qformer.tensor_files import TensorFile
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Shape of a built-in encoder. `file_depth` is how many blocks its reference weight file holds."""
-
-    family: str  # "eva" or "clip": selects the timm class and the key map
-    width: int
-    depth: int
-    file_depth: int
-    num_heads: int
-    mlp_hidden: int
-    patch_size: int
-    norm_eps: float
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "eva_vit_g": ArchSpec("eva", 1408, 39, 40, 16, 6144, 14, 1e-6),
-    "clip_vit_l": ArchSpec("clip", 1024, 23, 24, 16, 4096, 14, 1e-5),
-    "tiny": ArchSpec("eva", 48, 2, 3, 4, 96, 14, 1e-6),
-    "tiny_vitl": ArchSpec("clip", 40, 2, 3, 4, 160, 14, 1e-5),
-}
-assert {k: v.width for k, v in ARCHS.items()} == VISION_WIDTHS, "ARCHS and config.VISION_WIDTHS disagree"
 
 # How LAVIS resamples position embeddings for each family (both bicubic, without antialiasing): its EVA code uses
 # align_corners=False, its CLIP code align_corners=True. timm's default (False) for everything else.
@@ -214,7 +189,7 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     if cfg.weights:
         # Loaded in fp32 before the cast, so position-embedding resampling happens at full precision.
         load_vision_weights(encoder, cfg.weights, cfg.weights_format)
-    encoder.dtype = DTYPES[cfg.precision]
+    encoder.dtype = to_dtype(cfg.precision)
     encoder.to(encoder.dtype)
     if cfg.frozen:
         if cfg.grad_checkpointing:
@@ -249,54 +224,15 @@ def vision_width(cfg: VisionConfig) -> int:
 # Weights
 
 
-def _load_file(path: Path, prefix: str | None) -> tuple[dict[str, Tensor], str]:
-    """Read a checkpoint: (state, prefix to use). Safetensors are read lazily, only the keys under the prefix."""
-    if path.is_dir():
-        for name in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin"):
-            if (path / name).exists():
-                return _load_file(path / name, prefix)
-        raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin in this folder")
-    if not path.exists():
-        raise FileNotFoundError(f"image encoder weights not found: {path}")
-    try:
-        if path.name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            return _load_safetensors([path.parent / s for s in shards], prefix)
-        if path.suffix == ".safetensors":
-            return _load_safetensors([path], prefix)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, CheckpointError):
-        raise
-    except Exception as err:  # truncated or corrupt files fail in many ways (zip, pickle, header errors)
-        raise CheckpointError(f"cannot read image encoder weights from {path}: {type(err).__name__}: {err}") from err
-    # LAVIS checkpoints wrap the weights in {"model": ...}; timm training checkpoints in {"state_dict": ...}.
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    state = dict(state)
-    return state, _choose_prefix(state, prefix)
-
-
-def _load_safetensors(files: list[Path], prefix: str | None) -> tuple[dict[str, Tensor], str]:
-    from safetensors import safe_open
-
-    keys: dict[str, Path] = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            keys.update(dict.fromkeys(f.keys(), file))
+def _read_weights(path: Path, prefix: str | None) -> tuple[dict[str, Tensor], str, int]:
+    """(the tensors under the prefix, the prefix, how many keys the file holds); safetensors read only those."""
+    tensors = TensorFile(path)
+    keys = tensors.keys()
     prefix = _choose_prefix(keys, prefix)
-    state: dict[str, Tensor] = {}
-    for file in files:
-        wanted = [k for k, f in keys.items() if f == file and k.startswith(prefix)]
-        if wanted:
-            with safe_open(file, framework="pt") as f:
-                state.update({k: f.get_tensor(k) for k in wanted})
-    return state, prefix
+    return tensors.read(lambda k: k.startswith(prefix)), prefix, len(keys)
 
 
-def _choose_prefix(keys: Mapping[str, object], prefix: str | None) -> str:
+def _choose_prefix(keys: Iterable[str], prefix: str | None) -> str:
     """The given prefix, or the one known wrapper (`vision_model.`, `visual_encoder.`, `visual.`) the keys use."""
     if prefix:
         return prefix
@@ -366,17 +302,15 @@ def load_vision_weights(
     if isinstance(source, Mapping):
         name = "image encoder state dict"
         prefix = _choose_prefix(source, prefix)
-        full = dict(source)
+        under, total = {k: v for k, v in source.items() if k.startswith(prefix)}, len(source)
     else:
         name = str(source)
-        full, prefix = _load_file(Path(source), prefix)
-    state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+        under, prefix, total = _read_weights(Path(source), prefix)
+    state = {k[len(prefix) :]: v for k, v in under.items()}
     if not state:
         raise CheckpointError(f"{name}: no image encoder keys under prefix {prefix!r}")
-    if len(state) < len(full):
-        logger.info(
-            "%s: using the %d keys under %r, ignoring %d others", name, len(state), prefix, len(full) - len(state)
-        )
+    if len(state) < total:
+        logger.info("%s: using the %d keys under %r, ignoring %d others", name, len(state), prefix, total - len(state))
 
     if fmt == "auto":
         try:
@@ -431,6 +365,7 @@ def vision_state_dict(encoder: VisionEncoder, fmt: str = "timm", prefix: str = "
 
 __all__ = [
     "ARCHS",
+    "ArchSpec",
     "VisionEncoder",
     "build_vision_encoder",
     "detect_vision_format",

@@ -27,7 +27,6 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import Blip2ForConditionalGeneration, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from qformer import config as qconfig
 from qformer import vision as qvision
 from qformer.caption import GenerationConfig
 from qformer.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
@@ -52,7 +51,6 @@ PROMPT_WORDS = ["question", "short", "answer", ":", "?", "a", "photo", "of", "wh
 
 def register_bench_arch() -> None:
     qvision.ARCHS.setdefault("bench_s", BENCH_ARCH)
-    qconfig.VISION_WIDTHS.setdefault("bench_s", BENCH_ARCH.width)
 
 
 def word_tokenizer(size: int) -> PreTrainedTokenizerFast:

@@ -17,8 +17,10 @@ import time
 
 import torch
 
+from qformer.dtypes import to_dtype
 from tasks.config import load_config
-from tasks.train import DTYPES, TrainStep, build_model, freeze_redundant, param_groups
+from tasks.optim import param_groups
+from tasks.train import TrainStep, build_model, build_objective, freeze_redundant
 
 WORDS = "a photo of the red green blue square bar on black background".split()
 
@@ -39,9 +41,9 @@ def main() -> None:
     freeze_redundant(model)
     if cfg.vit_grad_checkpointing and model.visual is not None and not cfg.model.vision.frozen:
         model.visual.model.set_grad_checkpointing(True)
-    step = TrainStep(model, cfg.stage, tokenizer, cfg.model.max_text_length, cfg.use_image_ids)
+    step = TrainStep(model, build_objective(cfg, model, tokenizer))
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=1e-5, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    dtype = DTYPES[cfg.precision]
+    dtype = to_dtype(cfg.precision)
     b, size = cfg.data.batch_size, cfg.model.vision.image_size
     rng = random.Random(0)
 

@@ -8,6 +8,9 @@ qformer convert runs/opt exported/ --from ours --to transformers
 qformer caption photo.jpg --checkpoint runs/opt
 qformer ask photo.jpg "what is the man holding?" --checkpoint runs/opt
 qformer features a.jpg b.jpg --checkpoint runs/ckpt --mode image --out feats.safetensors
+qformer train configs/stage1_vitg.yaml optim.lr=5e-5         (the same as python -m tasks.train ...)
+qformer eval configs/eval/retrieval_coco.yaml checkpoint=runs/x/final   (python -m tasks.evaluate ...)
+qformer demo --fast
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from tasks.command import execute
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
     """`[B, 3, size, size]` eval-transformed images; a missing or undecodable file is an error naming it."""
+    import torch
     from PIL import Image, UnidentifiedImageError
 
     from tasks.data.transforms import eval_transform
@@ -216,12 +225,54 @@ def cmd_features(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------------------------
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that gets its arguments from `load(parser)` when it first parses, so that `qformer
+    --help` (or `qformer caption`) never imports the training, evaluation or demo modules."""
+
+    def __init__(self, *args, load: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._load = load
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._load is not None:
+            load, self._load = self._load, None
+            load(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _mount(parser: argparse.ArgumentParser, module) -> None:
+    """Give `parser` a command module's description, arguments and `run`."""
+    parser.description = module.__doc__
+    module.add_arguments(parser)
+    parser.set_defaults(func=module.run)
+
+
+def _train_command(parser: argparse.ArgumentParser) -> None:
+    from tasks import train
+
+    _mount(parser, train)
+
+
+def _eval_command(parser: argparse.ArgumentParser) -> None:
+    from tasks import evaluate
+
+    _mount(parser, evaluate)
+
+
+def _demo_command(parser: argparse.ArgumentParser) -> None:
+    from tasks.shapes import demo
+
+    _mount(parser, demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qformer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (train and eval always do)")
+    parser.set_defaults(log_level=logging.WARNING)  # a command module's parser may set its own
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     c = sub.add_parser("convert", help="convert a LAVIS / transformers / qformer checkpoint")
     c.add_argument("source", help="a LAVIS .pth file, a transformers folder, or one of our checkpoint folders")
@@ -267,39 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="a .safetensors (every feature) or .npy (the projected one) file")
     f.set_defaults(func=cmd_features)
 
-    e = sub.add_parser("eval", help="evaluate: retrieval, zero-shot VQA / GQA, captioning (configs/eval/*.yaml)")
-    e.add_argument("config", help="an eval YAML, e.g. configs/eval/retrieval_coco.yaml")
-    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. checkpoint=runs/x/final k_test=64")
-    e.set_defaults(func=lambda a: __import__("tasks.evaluate", fromlist=["main"]).main([a.config, *a.overrides]))
-
-    d = sub.add_parser("demo", help="the whole recipe in the shapes world, on a CPU (writes runs/shapes/report.md)")
-    d.add_argument("--out", default="runs/shapes")
-    d.add_argument("--fast", action="store_true", help="a smaller world and fewer steps (a few minutes)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--clean", action="store_true", help="delete OUT first")
-    d.set_defaults(
-        func=lambda a: __import__("tasks.demo", fromlist=["main"]).main(
-            ["--out", a.out, "--seed", str(a.seed)] + ["--fast"] * a.fast + ["--clean"] * a.clean
-        )
+    # The commands with their own module: arguments declared there (`add_arguments`), loaded when chosen.
+    sub.add_parser(
+        "train", help="train stage 1 or 2 from a YAML config (same as python -m tasks.train)", load=_train_command
     )
-
-    t = sub.add_parser("train", help="train stage 1 or 2 from a YAML config (same as python -m tasks.train)")
-    t.add_argument("config", help="a YAML run config, e.g. configs/stage1_vitg.yaml")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-5 data.batch_size=64")
-    t.set_defaults(func=lambda a: __import__("tasks.train", fromlist=["main"]).main([a.config, *a.overrides]))
+    sub.add_parser(
+        "eval",
+        help="evaluate: retrieval, zero-shot VQA / GQA, captioning (configs/eval/*.yaml; = python -m tasks.evaluate)",
+        load=_eval_command,
+    )
+    sub.add_parser(
+        "demo", help="the whole recipe in the shapes world, on a CPU (writes runs/shapes/report.md)", load=_demo_command
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # bad input: say what and where, no traceback
-        print(f"qformer {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return execute(args.command, args.func, args, level=logging.INFO if args.verbose else None)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,6 @@ class TrainConfig:
     vit_grad_checkpointing: bool = False
     use_image_ids: bool = False  # ITC/ITM treat every pair of the same image as positive (retrieval fine-tuning)
     tensorboard: bool = True
-    crash_at_step: int = 0  # fault injection for resume tests: SIGKILL this process after that step
-    log_sample_ids: bool = False  # each rank writes the image ids of every step to samples_rankR.jsonl
 
     def __post_init__(self) -> None:
         if self.stage not in ("stage1", "stage2"):

@@ -6,6 +6,7 @@ Runs as plain python or under torchrun (the work is split across ranks, results 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tasks.config import ConfigError
+from tasks import command
+from tasks.command import add_config_arguments, config_and_overrides
+from tasks.dist import setup_distributed
 from tasks.evals.config import EvalConfig, load_eval_config
 
 logger = logging.getLogger(__name__)
@@ -23,7 +26,6 @@ logger = logging.getLogger(__name__)
 def evaluate(cfg: EvalConfig) -> dict:
     from qformer.blip2 import Blip2Stage1
     from qformer.checkpoint import load_pretrained, load_tokenizer_from
-    from tasks.train import setup_distributed
 
     device = setup_distributed()
     model = load_pretrained(cfg.checkpoint).to(device)
@@ -56,23 +58,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config, overrides = (argv[0], argv[1:]) if "=" not in argv[0] else (None, argv)
-    try:
-        cfg = load_eval_config(config, overrides)
-    except ConfigError as e:
-        print(f"qformer eval: error: {e}", file=sys.stderr)
-        return 2
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `qformer eval` and `python -m tasks.evaluate`."""
+    add_config_arguments(
+        parser, "configs/eval/retrieval_coco.yaml", "checkpoint=runs/x/final k_test=64 (or task=... without a config)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_eval_config(*config_and_overrides(args))  # a ConfigError (ValueError) stops here, before any work
     torch.manual_seed(0)
     metrics = evaluate(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))
     print(f"results in {Path(cfg.output_dir)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main("eval", add_arguments, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""One stage-1 training step: the model's features joined with the ITC, ITM and ITG losses (equal weights).
+"""One stage-1 training step: captions tokenised, the model's features joined with the ITC, ITM and ITG losses
+(equal weights).
 
 Runs unchanged at world size 1 without a process group and under torchrun: the ITC negatives and the
-hard-negative pool are the global batch (DESIGN.md section 4).
+hard-negative pool are the global batch (DESIGN.md section 4). `Stage1Objective` has the interface of
+`tasks.stage2.Stage2Objective`, so the training loop never asks which stage it runs.
 """
 
 from __future__ import annotations
@@ -65,3 +67,39 @@ def stage1_losses(
 
     loss = itc.loss + loss_itm + loss_itg
     return {"loss": loss, "loss_itc": itc.loss.detach(), "loss_itm": loss_itm.detach(), "loss_itg": loss_itg.detach()}
+
+
+class Stage1Objective:
+    """The training loop's stage-1 step: a batch of images and captions (and image ids) to named losses."""
+
+    def __init__(self, model: Blip2Stage1, tokenizer, *, max_text_length: int, use_image_ids: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.use_image_ids = use_image_ids
+
+    def __call__(self, batch: dict) -> dict[str, Tensor]:
+        images = batch["image"]
+        # LAVIS pads every caption to max_text_length; padding to the batch's longest gives the same losses (pad
+        # keys are masked out of attention, pad labels ignored) at a fraction of the text passes' cost.
+        enc = self.tokenizer(
+            batch["text_input"],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        ).to(images.device)
+        return stage1_losses(
+            self.model,
+            enc.input_ids,
+            enc.attention_mask,
+            images=images,
+            image_ids=batch["image_id"].to(images.device) if self.use_image_ids else None,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+
+    def state_dict(self) -> dict:
+        return {}  # its random draws (negatives, dropout) come from torch's generators, saved with every rank's
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

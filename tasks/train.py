@@ -1,56 +1,52 @@
 """The training loop for stage 1 and stage 2: `python -m tasks.train CONFIG [key=value ...]` (or `qformer train`).
 
 Runs as plain python or under torchrun (one node or many; NCCL on GPU, gloo on CPU). DDP wraps only the trainable
-modules; the frozen ViT and LLM stay outside it. Checkpoints (every `save_every` steps and at the end) hold the
-trainable weights, optimizer, scaler, step, data position and every rank's RNG states; `resume=auto` continues
-from the newest complete one and reproduces the uninterrupted run.
+modules; the frozen ViT and LLM stay outside it. The step never asks which stage it runs: `tasks/stage1.py` and
+`tasks/stage2.py` turn a batch into named losses. Checkpoints (every `save_every` steps and at the end;
+`tasks/checkpointing.py`) let `resume=auto` continue from the newest complete one and reproduce the uninterrupted
+run; the optimizer groups and lr schedule are `tasks/optim.py`'s.
 
 Outputs in `output_dir`: `log.jsonl` (one line per `log_every` steps), `tb/` (TensorBoard), `checkpoints/ckpt-*`,
 `final/` (a checkpoint folder for evaluation, conversion, or stage 2's `init_from`), `config.yaml`.
+
+Test-only hooks, set through the environment so that they never appear in a run's config:
+`QFORMER_TEST_CRASH_AT_STEP=N` SIGKILLs the process after step N (resume tests); `QFORMER_TEST_LOG_SAMPLE_IDS=1`
+has each rank write the image ids of every step to `samples_rankR.jsonl` (data-sharding tests).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
 import os
-import random
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qformer.dist import get_rank, get_world_size
-from tasks.config import ConfigError, TrainConfig, load_config, to_yaml
+from qformer.dist import get_rank, get_world_size, is_distributed
+from qformer.dtypes import to_dtype
+from tasks import command
+from tasks.checkpointing import find_resume, resume_from, save_checkpoint
+from tasks.command import add_config_arguments, config_and_overrides
+from tasks.config import TrainConfig, load_config, to_yaml
+from tasks.dist import setup_distributed
+from tasks.optim import build_optimizer, set_lr
 from tasks.train_data import build_loader
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CRASH_AT_STEP_ENV = "QFORMER_TEST_CRASH_AT_STEP"
+LOG_SAMPLE_IDS_ENV = "QFORMER_TEST_LOG_SAMPLE_IDS"
 
 
 # -- set-up ---------------------------------------------------------------------------------------------------------
-
-
-def setup_distributed() -> torch.device:
-    """Join the process group torchrun describes (if any); returns this process's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 def build_model(cfg: TrainConfig):
@@ -111,52 +107,24 @@ def freeze_redundant(model: nn.Module) -> None:
             module.k.bias.requires_grad_(False)
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and 1-D parameters; layer-wise lr decay on an unfrozen ViT."""
-    optim = cfg.optim
-    visual = getattr(model, "visual", None)
-    depth = getattr(visual, "depth", 0) if visual is not None else 0
-    groups: dict[tuple[bool, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim < 2 or name.endswith(".bias") or "norm" in name or "ln_vision" in name
-        scale = 1.0
-        if name.startswith("visual."):
-            scale = optim.vit_lr_scale
-            if optim.layer_decay != 1.0 and depth:
-                layer = _vit_layer(name, depth)
-                scale *= optim.layer_decay ** (depth + 1 - layer)
-        groups.setdefault((no_decay, scale), []).append(p)
-    return [
-        {"params": ps, "weight_decay": 0.0 if nd else optim.weight_decay, "lr_scale": s}
-        for (nd, s), ps in sorted(groups.items(), key=lambda kv: kv[0])
-    ]
+def build_objective(cfg: TrainConfig, model: nn.Module, tokenizer, rank: int = 0):
+    """What turns a batch into named losses for the configured stage (`Stage1Objective` or `Stage2Objective`: a
+    call on a batch, and `state_dict`/`load_state_dict` for what it must carry across a resume)."""
+    if cfg.stage == "stage1":
+        from tasks.stage1 import Stage1Objective
 
+        return Stage1Objective(
+            model, tokenizer, max_text_length=cfg.model.max_text_length, use_image_ids=cfg.use_image_ids
+        )
+    from tasks.stage2 import Stage2Objective
 
-def _vit_layer(name: str, depth: int) -> int:
-    """0 for the embeddings, i + 1 for block i, depth + 1 for anything after the blocks."""
-    parts = name.split(".")
-    if "blocks" in parts:
-        return int(parts[parts.index("blocks") + 1]) + 1
-    if any(k in name for k in ("patch_embed", "pos_embed", "cls_token", "norm_pre")):
-        return 0
-    return depth + 1
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from warmup_lr to lr, then a per-step cosine down to min_lr at total_steps."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.warmup_lr + (o.lr - o.warmup_lr) * step / max(1, o.warmup_steps)
-    progress = min(1.0, (step - o.warmup_steps) / max(1, o.total_steps - o.warmup_steps))
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+    return Stage2Objective(model, seed=cfg.seed + rank)  # each rank its own prefix-LM split sequence
 
 
 class TrainStep(nn.Module):
     """What DDP wraps: only trainable submodules are registered, the frozen ViT and LLM stay outside."""
 
-    def __init__(self, model: nn.Module, stage: str, tokenizer, max_text_length: int, use_image_ids: bool):
+    def __init__(self, model: nn.Module, objective):
         super().__init__()
         self.trainable = nn.ModuleDict(
             {n: m for n, m in model.named_children() if any(p.requires_grad for p in m.parameters())}
@@ -165,129 +133,10 @@ class TrainStep(nn.Module):
             {n: p for n, p in model.named_parameters(recurse=False) if p.requires_grad}
         )  # e.g. the ITC temperature
         object.__setattr__(self, "model", model)  # not registered: DDP must not see the frozen parts
-        self.stage = stage
-        self.tokenizer = tokenizer
-        self.max_text_length = max_text_length
-        self.use_image_ids = use_image_ids
+        self.objective = objective
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        images = batch["image"]
-        if self.stage == "stage2":
-            return {"loss": self.model(batch["text_input"], images=images)["loss"]}
-        from tasks.stage1 import stage1_losses
-
-        # LAVIS pads every caption to max_text_length; padding to the batch's longest gives the same losses (pad
-        # keys are masked out of attention, pad labels ignored) at a fraction of the text passes' cost.
-        enc = self.tokenizer(
-            batch["text_input"],
-            padding="longest",
-            truncation=True,
-            max_length=self.max_text_length,
-            return_tensors="pt",
-        ).to(images.device)
-        return stage1_losses(
-            self.model,
-            enc.input_ids,
-            enc.attention_mask,
-            images=images,
-            image_ids=batch["image_id"].to(images.device) if self.use_image_ids else None,
-            bos_token_id=self.tokenizer.bos_token_id,
-        )
-
-
-# -- checkpoints ----------------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scaler, loader_state: dict, cfg: TrainConfig) -> Path:
-    """`checkpoints/ckpt-STEP`: written under a temporary name by every rank, renamed by rank 0 once complete."""
-    rank, world = get_rank(), get_world_size()
-    final = out / "checkpoints" / f"ckpt-{step:08d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save({"rng": _rng_state(), "data": loader_state}, tmp / f"rank{rank}.pt")
-    if rank == 0:
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, tmp / "trainable.safetensors")
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None, "step": step},
-            tmp / "state.pt",
-        )
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        meta = {"step": step, "world_size": world, "git_commit": git_commit(), "time": time.time()}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        kept = sorted(p for p in final.parent.glob("ckpt-*") if not p.name.endswith(".tmp"))
-        for old in kept[: -cfg.keep_last] if cfg.keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def _valid(ckpt: Path, world: int) -> bool:
-    """A checkpoint is used only if every file is there and readable (a truncated file means a crash mid-write)."""
-    try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-        if meta["world_size"] != world:
-            logger.warning("%s was written by %d processes, this run has %d", ckpt, meta["world_size"], world)
-            return False
-        load_file(ckpt / "trainable.safetensors")
-        torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        for r in range(world):
-            torch.load(ckpt / f"rank{r}.pt", map_location="cpu", weights_only=False)
-        return True
-    except Exception as e:  # any damage: fall back to the previous checkpoint
-        logger.warning("checkpoint %s is not usable (%s: %s); trying an older one", ckpt, type(e).__name__, e)
-        return False
-
-
-def find_resume(out: Path, resume: str, world: int) -> Path | None:
-    if resume == "none":
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not _valid(path, world):
-            raise ValueError(f"resume checkpoint {path} is missing or damaged")
-        return path
-    for ckpt in sorted((out / "checkpoints").glob("ckpt-*"), reverse=True):
-        if not ckpt.name.endswith(".tmp") and _valid(ckpt, world):
-            return ckpt
-    return None
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        return self.objective(batch)
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
@@ -308,40 +157,30 @@ def train(cfg: TrainConfig) -> Path:
     freeze_redundant(model)
     if cfg.vit_grad_checkpointing and getattr(model, "visual", None) is not None:
         model.visual.model.set_grad_checkpointing(True)
-    step_module = TrainStep(model, cfg.stage, tokenizer, cfg.model.max_text_length, cfg.use_image_ids)
+    objective = build_objective(cfg, model, tokenizer, rank)
+    step_module = TrainStep(model, objective)
     ddp = step_module
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    dtype = DTYPES[cfg.precision]
+    optimizer = build_optimizer(model, cfg)
+    dtype = to_dtype(cfg.precision)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     loader = build_loader(cfg, rank, world, seed=cfg.seed)
+
+    crash_at_step = int(os.environ.get(CRASH_AT_STEP_ENV, "0"))
+    log_sample_ids = os.environ.get(LOG_SAMPLE_IDS_ENV, "") == "1"
 
     start = 0
     ckpt = find_resume(out, cfg.resume, world)
     if ckpt is not None:
-        trainable = load_file(ckpt / "trainable.safetensors", device=str(device))
-        params = dict(model.named_parameters())
-        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in trainable)
-        if missing or any(n not in params for n in trainable):
-            raise ValueError(f"{ckpt} does not fit this model: missing {missing}")
-        with torch.no_grad():
-            for n, v in trainable.items():
-                params[n].copy_(v)
-        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        mine = torch.load(ckpt / f"rank{rank}.pt", map_location="cpu", weights_only=False)
-        loader.load_state_dict(mine["data"])
-        _set_rng_state(mine["rng"])
-        start = state["step"]
-        logger.info("resumed from %s at step %d", ckpt, start)
+        start = resume_from(
+            ckpt, model=model, optimizer=optimizer, scaler=scaler, loader=loader, objective=objective, device=device
+        )
         if rank == 0:
             _truncate_log(out / "log.jsonl", start)
-        if cfg.log_sample_ids:
+        if log_sample_ids:
             _truncate_log(out / f"samples_rank{rank}.jsonl", start)
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # ranks draw different negatives and dropout masks
@@ -349,15 +188,13 @@ def train(cfg: TrainConfig) -> Path:
     writer = _tensorboard(out, cfg) if rank == 0 else None
     bar = _progress(start, cfg) if rank == 0 else None
     log_file = (out / "log.jsonl").open("a") if rank == 0 else None
-    ids_file = (out / f"samples_rank{rank}.jsonl").open("a") if cfg.log_sample_ids else None
+    ids_file = (out / f"samples_rank{rank}.jsonl").open("a") if log_sample_ids else None
     try:
         batches = iter(loader)
         window_t, window_n, non_finite = time.perf_counter(), 0, 0
         model.train()
         for step in range(start + 1, cfg.optim.total_steps + 1):
-            lr = lr_at(step - 1, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            lr = set_lr(optimizer, step, cfg)
             totals: dict[str, float] = {}
             for micro in range(cfg.optim.grad_accum):
                 batch = next(batches)
@@ -408,8 +245,9 @@ def train(cfg: TrainConfig) -> Path:
                 bar.update(1)
                 bar.set_postfix(loss=f"{totals['loss']:.3f}", lr=f"{lr:.2e}")
             if step % cfg.save_every == 0 or step == cfg.optim.total_steps:
-                save_checkpoint(out, step, model, optimizer, scaler, loader.state_dict(), cfg)
-            if cfg.crash_at_step and step == cfg.crash_at_step:
+                rank_state = {"data": loader.state_dict(), "objective": objective.state_dict()}
+                save_checkpoint(out, step, model, optimizer, scaler, cfg, rank_state)
+            if crash_at_step and step == crash_at_step:
                 for f in (log_file, ids_file):
                     if f:
                         f.flush()
@@ -430,7 +268,8 @@ def train(cfg: TrainConfig) -> Path:
 
         save_pretrained(model, final, tokenizer=tokenizer if cfg.stage == "stage1" else None)
         logger.info("%s; %d non-finite steps skipped", loader.skip_summary(), non_finite)
-    _barrier()
+    if is_distributed():
+        dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
     return final
@@ -469,21 +308,19 @@ def _progress(start: int, cfg: TrainConfig):
     return tqdm(total=cfg.optim.total_steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("usage: python -m tasks.train CONFIG.yaml [key=value ...]")
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config, overrides = (argv[0], argv[1:]) if not argv[0].count("=") else (None, argv)
-    try:
-        cfg = load_config(config, overrides)  # an unknown key or a bad value stops here, before any work
-    except ConfigError as e:
-        print(f"qformer train: error: {e}", file=sys.stderr)
-        return 2
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `qformer train` and `python -m tasks.train`."""
+    add_config_arguments(parser, "configs/stage1_vitg.yaml", "optim.lr=5e-5 data.batch_size=64")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(*config_and_overrides(args))  # an unknown key or a bad value stops here, before any work
     train(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main("train", add_arguments, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

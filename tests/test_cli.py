@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +194,80 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "bad.jpg" in capsys.readouterr().err
     assert main(["caption", str(bad), "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# -- one way into every command ------------------------------------------------------------------------------------
+
+# The entry point as a user starts it, with the command's real work replaced by two log lines, so that only the
+# parsing and logging set-up of that entry point run.
+ENTRY_SCRIPT = """
+import logging, sys
+import {module} as command
+def work(cfg):
+    logging.getLogger("{module}").info("would run %s", type(cfg).__name__)
+    logging.getLogger("{module}").debug("not shown at INFO")
+    return {{}}
+command.{work} = work
+if sys.argv[1] == "qformer":
+    from tasks.cli import main
+    code = main(["{name}", *sys.argv[2:]])
+else:
+    code = command.main(sys.argv[2:])
+print("root level", logging.getLogger().level, file=sys.stderr)
+sys.exit(code)
+"""
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "work", "overrides"),
+    [
+        ("train", "tasks.train", "train", ["stage=stage1", "model_preset=tiny", "output_dir=never"]),
+        ("eval", "tasks.evaluate", "evaluate", ["task=retrieval", "checkpoint=none", "output_dir=never"]),
+    ],
+)
+def test_qformer_x_and_python_m_log_the_same_lines(name, module, work, overrides, tmp_path):
+    script = ENTRY_SCRIPT.format(module=module, work=work, name=name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = {}
+    for way in ("qformer", "python -m"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, way, *overrides], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert TIMESTAMP.search(done.stderr), done.stderr  # the one format, tasks.log.FORMAT
+        logs[way] = TIMESTAMP.sub("", done.stderr)
+    assert f"INFO {module}: would run" in logs["qformer"]
+    assert "not shown" not in logs["qformer"]
+    assert logs["qformer"] == logs["python -m"]
+    assert f"root level {logging.INFO}" in logs["qformer"]
+
+
+def test_qformer_help_imports_no_command_module():
+    check = (
+        "import sys; from tasks.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'tasks.train', 'tasks.evaluate', 'tasks.shapes.demo') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_train_and_eval_share_their_parser_with_python_m(tmp_path, capsys):
+    from tasks import evaluate, train
+    from tasks.cli import build_parser
+    from tasks.command import command_parser, config_and_overrides
+
+    for name, module in (("train", train), ("eval", evaluate)):
+        args = build_parser().parse_args([name, "a.yaml", "x=1", "y=2"])
+        assert args.func is module.run and config_and_overrides(args) == ("a.yaml", ["x=1", "y=2"])
+        args = command_parser(name, module.add_arguments).parse_args(["x=1", "y=2"])
+        assert config_and_overrides(args) == (None, ["x=1", "y=2"])
+        # Bad input is one line naming the command, exit code 2, either way in.
+        for entry in (module.main, lambda argv, name=name: main([name, *argv])):
+            assert entry([str(tmp_path / "missing.yaml")]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err == f"qformer {name}: error: config file not found: {tmp_path / 'missing.yaml'}"
+        with pytest.raises(SystemExit) as stop:
+            module.main([])
+        assert stop.value.code == 2
+        assert f"qformer {name}: error: the following arguments are required: config" in capsys.readouterr().err

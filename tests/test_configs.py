@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tasks.config import load_config
+from tasks.optim import lr_at, param_groups
 from tasks.tiny_assets import make_all
-from tasks.train import TrainStep, lr_at, param_groups, train
+from tasks.train import TrainStep, build_objective, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER = sorted(CONFIGS.glob("*.yaml"))
@@ -91,6 +92,6 @@ def test_layer_decay_reaches_the_optimizer(tmp_path, monkeypatch):
     assert lr_at(0, cfg) == cfg.optim.warmup_lr and lr_at(cfg.optim.warmup_steps, cfg) == pytest.approx(cfg.optim.lr)
     assert lr_at(cfg.optim.total_steps, cfg) == pytest.approx(cfg.optim.min_lr)
     # DDP would see only trainable modules: here the unfrozen ViT is one of them.
-    step = TrainStep(model, "stage1", None, 8, False)
+    step = TrainStep(model, build_objective(cfg, model, None))
     assert any(n.startswith("trainable.visual.") for n, _ in step.named_parameters())
     assert torch.isfinite(torch.tensor(lr_at(3, cfg)))

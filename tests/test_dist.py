@@ -1,4 +1,5 @@
-"""Gathers and the ITC loss across real processes: 2 ranks over gloo on CPU, file rendezvous.
+"""Gathers, the ITC loss and the runner's sharding helpers across real processes: 2 ranks over gloo on CPU, file
+rendezvous.
 
 One spawn runs every distributed check (spawning costs seconds); each rank saves its results to a file in
 `tmp_path` and the tests compare them with single-process computations over the whole global batch.
@@ -25,6 +26,7 @@ from qformer.dist import (
     is_distributed,
 )
 from qformer.losses import hard_negative_indices, itc_loss
+from tasks.dist import gather_strided, on_rank0, run_sharded, shard, shard_indices
 
 WORLD = 2
 B, Q, D, P = 3, 2, 5, 4  # per-rank batch, queries, hidden width, projection width
@@ -33,6 +35,7 @@ MODES = ("faithful", "connected")
 GLOBAL_IMAGE_IDS = torch.tensor([10, 11, 12, 10, 13, 11])
 # Rows each rank asks gather_rows for: different lengths, repeats, rows of both owners, unsorted.
 REQUESTS = {0: torch.tensor([4, 0, 5, 4, 2]), 1: torch.tensor([1, 3])}
+N_ITEMS = 5  # items split across the ranks by tasks.dist: an odd count, so the shares differ in size
 
 
 def global_inputs() -> dict[str, torch.Tensor]:
@@ -125,9 +128,37 @@ def _worker(rank: int, tmp_path: Path) -> None:
         picks = torch.stack([torch.stack(hard_negative_indices(sim, sim, generator=g)) for _ in range(200)])
         results["negatives"] = picks  # [draws, 2, B]
 
+        results["sharding"] = sharding_checks(rank)
+
         torch.save(results, tmp_path / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _error(fn) -> str | None:
+    try:
+        fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def sharding_checks(rank: int) -> dict[str, object]:
+    """tasks.dist on this rank: its share, the strided gather, the merge by key, errors reported to every rank."""
+    items = [f"item{i}" for i in range(N_ITEMS)]
+    rows = torch.arange(N_ITEMS * 3, dtype=torch.float32).reshape(N_ITEMS, 3)
+    mine = list(shard_indices(N_ITEMS))
+    return {
+        "indices": mine,
+        "items": shard(items),
+        "gathered": gather_strided(rows[mine], N_ITEMS),
+        "merged": run_sharded(lambda: {item: rank for item in shard(items)}, "merge"),
+        "twice": _error(lambda: run_sharded(lambda: {"same": rank}, "twice")),
+        "fails": _error(lambda: run_sharded(lambda: {} if rank == 0 else {}[f"boom{rank}"], "work")),
+        "rank0": on_rank0(lambda: f"from rank {rank}", "rank0", share=True),
+        "rank0_only": on_rank0(lambda: f"from rank {rank}", "rank0"),
+        "rank0_fails": _error(lambda: on_rank0(lambda: 1 / 0, "rank-0 job")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +247,39 @@ def test_world_size_one_without_process_group():
     assert all_gather_with_grad(x) is x
     detached = all_gather_no_grad(x)
     assert not detached.requires_grad and detached.data_ptr() == x.data_ptr()
+
+
+def test_sharding_is_strided_and_merges_back(rank_results):
+    rows = torch.arange(N_ITEMS * 3, dtype=torch.float32).reshape(N_ITEMS, 3)
+    shares = [res["sharding"] for res in rank_results]
+    assert [s["indices"] for s in shares] == [[0, 2, 4], [1, 3]]
+    assert [s["items"] for s in shares] == [["item0", "item2", "item4"], ["item1", "item3"]]
+    for s in shares:
+        assert_close(s["gathered"], rows, atol=0, rtol=0)  # global order, whatever the split
+        assert s["merged"] == {f"item{i}": i % WORLD for i in range(N_ITEMS)}
+
+
+def test_sharded_errors_reach_every_rank(rank_results):
+    shares = [res["sharding"] for res in rank_results]
+    for s in shares:
+        assert s["twice"] == "RuntimeError: twice: 'same' was produced by two ranks (the second is rank 1)"
+    assert shares[1]["fails"] == "KeyError: 'boom1'"  # the failing rank: its own exception
+    assert shares[0]["fails"].startswith("RuntimeError: work failed on another rank: rank 1: KeyError")
+    assert shares[0]["rank0_fails"].startswith("ZeroDivisionError")
+    assert shares[1]["rank0_fails"].startswith("RuntimeError: rank-0 job failed on rank 0: ZeroDivisionError")
+
+
+def test_rank0_jobs_run_once_and_share_on_request(rank_results):
+    shares = [res["sharding"] for res in rank_results]
+    assert [s["rank0"] for s in shares] == ["from rank 0", "from rank 0"]
+    assert [s["rank0_only"] for s in shares] == ["from rank 0", None]
+
+
+def test_sharding_without_process_group_is_the_identity():
+    items = list("abcde")
+    assert shard(items) == items and list(shard_indices(5)) == [0, 1, 2, 3, 4]
+    assert shard(items, rank=1, world=3) == ["b", "e"]
+    x = torch.randn(5, 2)
+    assert_close(gather_strided(x, 5), x, atol=0, rtol=0)
+    assert run_sharded(lambda: {"a": 1}, "work") == {"a": 1}
+    assert on_rank0(lambda: 7, "job") == 7

@@ -28,10 +28,11 @@ from tasks.data.text import clean_question
 from tasks.data.transforms import eval_transform
 from tasks.evals import caption as caption_module
 from tasks.evals.caption import caption_scores, evaluate_caption, image_id_from_name, spice_unavailable_reason
+from tasks.evals.common import ImageReadError
 from tasks.evals.config import EvalConfig, load_eval_config
 from tasks.evals.metrics import normalize_answer, normalize_gqa_prediction
 from tasks.evals.report import retrieval_report
-from tasks.evals.vqa import ImageReadError, evaluate_vqa
+from tasks.evals.vqa import evaluate_vqa
 from tasks.tiny_assets import tiny_opt_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "eval"

@@ -39,6 +39,7 @@ from qformer.hf_folders import (
 )
 from qformer.stage2 import Blip2Stage2
 from qformer.vision import build_vision_encoder, load_vision_weights, vision_state_dict
+from tasks.stage2 import stage2_outputs
 from tests.helpers import hf_blip2_config, hf_qformer_config, randomized, tiny_config
 from tests.llm_helpers import EOS, IMAGE, SPECIALS, VOCAB, WORDS, tiny_opt_folder, tiny_t5_folder
 
@@ -125,12 +126,12 @@ def test_export_stage2_same_logits_and_loss(exported):
     assert (enc.input_ids[:, :q] == IMAGE).all() and (enc.input_ids[:, q:] != IMAGE).all()
     with torch.no_grad():
         if kind == "opt":
-            got = ours(CAPTIONS, images=enc.pixel_values)
+            got = stage2_outputs(ours, CAPTIONS, images=enc.pixel_values)
             labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
             labels[:, :q] = -100
             expected = theirs(**enc, labels=labels)
         else:
-            got = ours(CAPTIONS, images=enc.pixel_values, text_output=T5_OUTPUTS)
+            got = stage2_outputs(ours, CAPTIONS, images=enc.pixel_values, text_output=T5_OUTPUTS)
             out = processor.tokenizer(T5_OUTPUTS, padding="longest", return_tensors="pt")
             labels = out.input_ids.masked_fill(out.attention_mask == 0, -100)
             expected = theirs(**enc, labels=labels, decoder_attention_mask=out.attention_mask)
@@ -168,7 +169,10 @@ def test_export_then_load_gives_ours_back(exported):
     pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(8))
     extra = {} if kind == "opt" else {"text_output": T5_OUTPUTS}
     with torch.no_grad():
-        assert_close(back(CAPTIONS, images=pixels, **extra)["logits"], ours(CAPTIONS, images=pixels, **extra)["logits"])
+        assert_close(
+            stage2_outputs(back, CAPTIONS, images=pixels, **extra)["logits"],
+            stage2_outputs(ours, CAPTIONS, images=pixels, **extra)["logits"],
+        )
     if kind == "t5":  # the untied LM head stays untied
         assert torch.equal(back.llm.lm_head.weight, ours.llm.lm_head.weight)
         assert not torch.equal(back.llm.lm_head.weight, back.llm.shared.weight)
@@ -226,11 +230,11 @@ def test_transformers_stage2_folder_loads_into_ours(kind, tmp_path):
     tok = ours.tokenizer
     with torch.no_grad():
         if kind == "opt":
-            got = ours(CAPTIONS, images=pixels)["logits"]
+            got = stage2_outputs(ours, CAPTIONS, images=pixels)["logits"]
             enc = tok([c + "\n" for c in CAPTIONS], padding="longest", padding_side="right", return_tensors="pt")
             kwargs = {}
         else:
-            got = ours(CAPTIONS, images=pixels, text_output=T5_OUTPUTS)["logits"]
+            got = stage2_outputs(ours, CAPTIONS, images=pixels, text_output=T5_OUTPUTS)["logits"]
             enc = tok(CAPTIONS, padding="longest", return_tensors="pt")
             out = tok(T5_OUTPUTS, padding="longest", return_tensors="pt")
             kwargs = dict(labels=out.input_ids, decoder_attention_mask=out.attention_mask)
@@ -441,7 +445,7 @@ def test_cli_converts_a_transformers_folder_to_ours_and_back(tmp_path):
     q = ours.cfg.qformer.num_query_tokens
     enc = ours.tokenizer([c + "\n" for c in CAPTIONS[:2]], padding="longest", padding_side="right", return_tensors="pt")
     with torch.no_grad():
-        got = ours(CAPTIONS[:2], images=pixels)["logits"]
+        got = stage2_outputs(ours, CAPTIONS[:2], images=pixels)["logits"]
         ids = torch.cat([torch.full((2, q), IMAGE), enc.input_ids], 1)
         mask = torch.cat([torch.ones(2, q, dtype=torch.long), enc.attention_mask], 1)
         expected = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits

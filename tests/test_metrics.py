@@ -1,4 +1,4 @@
-"""Metrics on hand-made cases with known answers (tasks/evals/metrics.py, DESIGN.md section 9).
+"""Metrics on hand-made cases with known answers (tasks/evals/metrics.py, retrieval_metrics.py, DESIGN.md 9).
 
 Each case is chosen so that a plausible wrong implementation gets a different number: text retrieval from
 the first caption only, ties broken in favour of the ground truth, VQA matching without leave-one-out,
@@ -16,19 +16,16 @@ import torch
 
 from tasks.evals.metrics import (
     DEFAULT_VQA_VERSION,
-    RetrievalRanks,
     gqa_accuracy,
     normalize_answer,
     normalize_gqa_prediction,
     prepare_vqa_answers,
     process_digit_article,
     process_punctuation,
-    recall_at_k,
-    retrieval_metrics,
-    retrieval_ranks,
     vqa_accuracy,
     vqa_metrics,
 )
+from tasks.evals.retrieval_metrics import RetrievalRanks, recall_at_k, retrieval_metrics, retrieval_ranks
 
 BOTH = ("lavis", "official")
 

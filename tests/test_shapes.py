@@ -1,4 +1,4 @@
-"""The shapes world (tasks/data/shapes.py) and its stage 0 (tasks/shapes_stage0.py): deterministic files in the real
+"""The shapes world (tasks/shapes/world.py) and its stage 0 (tasks/shapes/stage0.py): deterministic files in the real
 datasets' formats, answers that are right for their images, and frozen components that learned something and load
 through the real code paths."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.data.shapes import (
+from tasks.shapes.world import (
     CELL_NAMES,
     COLOURS,
     IMAGE_SIZE,
@@ -157,7 +157,7 @@ def test_real_loaders_read_the_world(world):
 
 @pytest.fixture(scope="module")
 def stage0(shapes_demo):
-    """The fast stage 0 that `qformer demo --fast` built (tasks.shapes_stage0.build_stage0, preset "fast")."""
+    """The fast stage 0 that `qformer demo --fast` built (tasks.shapes.stage0.build_stage0, preset "fast")."""
     result = json.loads((shapes_demo / "stage0" / "stage0.json").read_text())
     assert result["preset"] == "fast"
     return result
@@ -166,7 +166,7 @@ def stage0(shapes_demo):
 def test_stage0_vit_learned_and_loads_frozen(stage0):
     from qformer.config import VisionConfig
     from qformer.vision import build_vision_encoder
-    from tasks.shapes_stage0 import evaluate_vit, normalize_images
+    from tasks.shapes.stage0 import evaluate_vit, normalize_images
 
     metrics = stage0["vit_metrics"]
     # An object is right when its shape, colour, size and cell all are: 1 in 360 by chance.
@@ -186,7 +186,7 @@ def test_stage0_vit_learned_and_loads_frozen(stage0):
 
 def test_stage0_language_models_answer_from_the_caption(stage0):
     from qformer.stage2 import load_llm
-    from tasks.shapes_stage0 import evaluate_lm
+    from tasks.shapes.stage0 import evaluate_lm
 
     for name in ("opt", "t5"):
         metrics = stage0[f"{name}_metrics"]
@@ -227,13 +227,13 @@ def test_stage0_bert_fits_the_qformer(stage0):
 
 
 def test_shapes_configs_fit_the_full_stage0(tmp_path, monkeypatch):
-    """configs/shapes/*.yaml, run by hand after `python -m tasks.shapes_stage0 runs/shapes/stage0`, describe the
+    """configs/shapes/*.yaml, run by hand after `python -m tasks.shapes.stage0 runs/shapes/stage0`, describe the
     components that the full preset builds (the demo passes the same values as overrides)."""
     from dataclasses import asdict
 
     from tasks.config import load_config
     from tasks.evals.config import load_eval_config
-    from tasks.shapes_stage0 import PRESETS, bert_folder, qformer_config, vit_config
+    from tasks.shapes.stage0 import PRESETS, bert_folder, qformer_config, vit_config
 
     full = PRESETS["full"]
     bert = bert_folder(tmp_path / "bert", full.bert_hidden, full.bert_layers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import Blip2ForConditionalGeneration
 from qformer.caption import GenerationConfig
 from qformer.config import Blip2Config, LLMConfig
 from qformer.stage2 import Blip2Stage2, init_from_stage1, stage2_state_dict
+from tasks.stage2 import stage2_outputs
 from tests.helpers import hf_qformer_config, randomized
 from tests.llm_helpers import EOS, IMAGE, PAD, tiny_opt_folder, tiny_t5_folder, word_tokenizer
 
@@ -88,7 +90,7 @@ def test_logits_and_loss_match(pair):
     q = ours.cfg.qformer.num_query_tokens
     tok = word_tokenizer(kind)
     if kind == "opt":
-        got = ours(CAPTIONS, images=images)
+        got = stage2_outputs(ours, CAPTIONS, images=images)
         rows = [tok(c + "\n").input_ids for c in CAPTIONS]
         ids, mask = _image_ids(rows, q, "right")
         labels = ids.masked_fill(mask == 0, -100)
@@ -96,7 +98,7 @@ def test_logits_and_loss_match(pair):
         expected = theirs(pixel_values=images, input_ids=ids, attention_mask=mask, labels=labels)
     else:
         outputs = ["cat", "on the grass", "a small bird in the sky"]
-        got = ours(CAPTIONS, images=images, text_output=outputs)
+        got = stage2_outputs(ours, CAPTIONS, images=images, text_output=outputs)
         ids, mask = _image_ids([tok(c).input_ids for c in CAPTIONS], q, "right")
         out = tok(outputs, padding="longest", return_tensors="pt")
         expected = theirs(
@@ -161,7 +163,7 @@ def test_only_the_query_path_ln_vision_and_projection_train(pair):
     ours.train()
     assert not ours.llm.training and not ours.visual.training
     ours.zero_grad(set_to_none=True)
-    ours(CAPTIONS, images=_images())["loss"].backward()
+    stage2_outputs(ours, CAPTIONS, images=_images(), rng=random.Random(0))["loss"].backward()
     for name, p in ours.named_parameters():
         if name.startswith(("llm.", "visual.")):
             assert p.grad is None and not p.requires_grad, name

@@ -22,6 +22,7 @@ from qformer.hf_folders import load_transformers_folder
 from qformer.stage2 import Blip2Stage2, load_llm, load_stage2_state, stage2_state_dict
 from tasks.cli import main as cli
 from tasks.config import ConfigError, load_config
+from tasks.stage2 import stage2_outputs
 from tasks.tiny_assets import vit_weights
 from tests.helpers import hf_qformer_config, randomized, tiny_config
 from tests.llm_helpers import IMAGE, tiny_opt_folder, tiny_t5_folder, word_tokenizer
@@ -66,7 +67,7 @@ def _images(n: int = 3) -> torch.Tensor:
 def _logits(model: Blip2Stage2, images: torch.Tensor) -> torch.Tensor:
     n = images.shape[0]
     with torch.no_grad():
-        return model(CAPTIONS[:n], images=images, text_output=OUTPUTS[:n])["logits"]
+        return stage2_outputs(model, CAPTIONS[:n], images=images, text_output=OUTPUTS[:n])["logits"]
 
 
 def _hf_logits(hf, images: torch.Tensor, queries: int) -> torch.Tensor:

@@ -14,22 +14,24 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from tests.llm_helpers import tiny_opt_folder
+from tasks.train import CRASH_AT_STEP_ENV, LOG_SAMPLE_IDS_ENV
+from tests.llm_helpers import tiny_opt_folder, tiny_t5_folder
 from tests.train_helpers import caption_dataset, read_log, tiny_bert_folder, tiny_stage1_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def run(args: list[str], check: bool = True, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`env`: extra environment variables (the test-only hooks of tasks.train)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
 
 
-def train(config: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "tasks.train", str(config), *overrides], check=check)
+def train(config: Path, *overrides: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "tasks.train", str(config), *overrides], check=check, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", **base)
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     train(cfg, f"output_dir={full}")
-    proc = train(cfg, f"output_dir={crashed}", "crash_at_step=10", check=False)
+    proc = train(cfg, f"output_dir={crashed}", check=False, env={CRASH_AT_STEP_ENV: "10"})
     assert proc.returncode == -9, proc.stderr[-2000:]  # really SIGKILLed, after the step-8 checkpoint
     assert max(r["step"] for r in read_log(crashed)) == 10
     # A checkpoint damaged on disk (as a crash mid-write leaves it) is detected and the previous one used.
@@ -121,14 +123,67 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
         assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
 
 
+@pytest.mark.parametrize("llm", ["opt", "t5"])
+def test_stage2_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp_path, llm):
+    """T5 pretrains as a prefix LM: the resumed run must draw the same caption splits as the uninterrupted one."""
+    folder = tiny_opt_folder(tmp_path / llm) if llm == "opt" else tiny_t5_folder(tmp_path / llm)
+    base = tiny_stage1_config(tmp_path, assets["ann"], tmp_path / "x", assets["bert"], save_every=2)
+    base.update(stage="stage2", bert="")
+    base["optim"]["total_steps"] = 6
+    base["model"]["qformer"] = {"hidden_dropout": 0.1, "attention_dropout": 0.1}  # dropout masks replay too
+    # T5: split points and the whole-caption draws both come from the prefix-LM generator.
+    extra = {"prefix_lm": True, "prefix_lm_full_caption": 0.5} if llm == "t5" else {}
+    base["model"]["llm"] = {"path": str(folder), "dtype": "fp32", **extra}
+    cfg = write_config(tmp_path / "c.yaml", **base)
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train(cfg, f"output_dir={full}")
+    proc = train(cfg, f"output_dir={crashed}", check=False, env={CRASH_AT_STEP_ENV: "5"})
+    assert proc.returncode == -9, proc.stderr[-2000:]  # really SIGKILLed, after the step-4 checkpoint
+    assert max(r["step"] for r in read_log(crashed)) == 5
+    proc = train(cfg, f"output_dir={crashed}")
+    assert "ckpt-00000004" in proc.stderr.split("resumed from")[1].splitlines()[0]
+
+    a, b = read_log(full), read_log(crashed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    wa = load_file(full / "final" / "model.safetensors")
+    wb = load_file(crashed / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_resume_names_every_key_that_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    from qformer.convert import CheckpointError
+    from tasks.checkpointing import resume_from
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    model[1].requires_grad_(False)  # frozen parts are not in a training checkpoint: not missing
+    rest = dict(optimizer=None, scaler=None, loader=None, objective=None, device=torch.device("cpu"))
+    save_file(
+        {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2), "extra": torch.zeros(1)},
+        tmp_path / "trainable.safetensors",
+    )
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): extra") as err:
+        resume_from(tmp_path, model=model, **rest)
+    assert "missing" not in str(err.value)
+    save_file({"0.weight": torch.zeros(2, 2)}, tmp_path / "trainable.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): 0.bias"):
+        resume_from(tmp_path, model=model, **rest)
+
+
 def test_torchrun_two_processes_see_disjoint_data(assets, tmp_path):
     out = tmp_path / "ddp"
-    cfg = tiny_stage1_config(tmp_path, assets["ann"], out, assets["bert"], save_every=100, log_sample_ids=True)
+    cfg = tiny_stage1_config(tmp_path, assets["ann"], out, assets["bert"], save_every=100)
     cfg["optim"]["total_steps"] = 4
     cfg["data"]["batch_size"] = 3
     config = write_config(tmp_path / "ddp.yaml", **cfg)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
-    run([*torchrun, "-m", "tasks.train", str(config)])
+    run([*torchrun, "-m", "tasks.train", str(config)], env={LOG_SAMPLE_IDS_ENV: "1"})
     seen = {}
     for r in range(2):
         rows = [json.loads(line) for line in (out / f"samples_rank{r}.jsonl").read_text().splitlines()]

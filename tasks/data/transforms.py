@@ -2,8 +2,8 @@
 
 Train: RandomResizedCrop(size, scale=(0.5, 1.0), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize.
 Eval: Resize((size, size), bicubic) -> ToTensor -> Normalize. Both take an RGB PIL image and return a float
-tensor `[3, size, size]` normalized with the CLIP mean/std. The randomness of the train transform comes from
-torch's global generator (torchvision v1 transforms), which DataLoader seeds per worker.
+tensor `[3, size, size]` normalized with the CLIP mean/std (their home: `qformer.config`). The randomness of the
+train transform comes from torch's global generator (torchvision v1 transforms), which DataLoader seeds per worker.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "eval_transform", "train_transform"]
+from qformer.config import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["CLIP_MEAN", "CLIP_STD", "eval_transform", "train_transform"]
 
 
 def train_transform(

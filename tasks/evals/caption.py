@@ -39,24 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from qformer.blip2 import Blip2Stage1
-from qformer.dist import get_rank, get_world_size
 from qformer.stage2 import Blip2Stage2
+from tasks.dist import on_rank0
+from tasks.evals import common
 from tasks.evals.config import EvalConfig
 from tasks.evals.report import CaptionSample, caption_report, sample_indices
-from tasks.evals.vqa import (
-    METRICS_NAME,
-    REPORT_NAME,
-    RESULTS_NAME,
-    autocast,
-    generation_config,
-    image_batches,
-    on_rank0,
-    read_json,
-    run_sharded,
-    sort_key,
-    warn_if_autocast_recasts_llm,
-    write_json,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +98,7 @@ def image_id_from_name(name: str) -> int:
 
 def load_caption_images(ann_path: str, image_root: str) -> list[CaptionImage]:
     """One entry per image, in first-appearance order, with the captions of every entry of that image."""
-    data = read_json(ann_path, "caption annotation file")
+    data = common.read_json(ann_path, "caption annotation file")
     if not isinstance(data, list):
         raise ValueError(f"{ann_path}: expected a JSON list of {{'image', 'caption', 'image_id'?}} entries")
     paths: dict[Hashable, str] = {}
@@ -154,7 +141,7 @@ def load_ground_truth(cfg: EvalConfig, images: Sequence[CaptionImage]):
     coco = COCO()
     if cfg.annotations:
         source = cfg.annotations
-        coco.dataset = read_json(source, "caption ground-truth file")
+        coco.dataset = common.read_json(source, "caption ground-truth file")
         if not isinstance(coco.dataset, dict) or not {"images", "annotations"} <= set(coco.dataset):
             raise ValueError(f"{source}: expected COCO caption format {{'images': [...], 'annotations': [...]}}")
     else:
@@ -345,7 +332,7 @@ def caption_scores(
 
 def _captioner(model: nn.Module, cfg: EvalConfig) -> Callable[[Tensor], list[str]]:
     """images [B, 3, S, S] -> B captions, with the config's prompt and decoding."""
-    gen = generation_config(cfg)
+    gen = common.generation_config(cfg)
     if isinstance(model, Blip2Stage2):
         return lambda images: model.generate(cfg.prompt, images=images, cfg=gen)
     if isinstance(model, Blip2Stage1):
@@ -381,8 +368,8 @@ def _caption_images(
     """image id -> generated caption for this rank's images."""
     captions: dict[Hashable, str] = {}
     paths = [im.image_path for im in images]
-    for indices, batch in image_batches(paths, size, cfg.batch_size, cfg.num_workers, device, desc="caption"):
-        with autocast(device, cfg.precision):
+    for indices, batch in common.image_batches(paths, size, cfg.batch_size, cfg.num_workers, device, desc="caption"):
+        with common.autocast(device, cfg.precision):
             texts = caption(batch)
         captions.update((images[i].image_id, text) for i, text in zip(indices, texts, strict=True))
     return captions
@@ -393,8 +380,8 @@ def _score_and_write(
 ) -> dict[str, Any]:
     """Rank 0: results.json, metrics.json and report.html; returns the metrics."""
     out = Path(cfg.output_dir)
-    results = [{"image_id": i, "caption": captions[i]} for i in sorted(captions, key=sort_key)]
-    write_json(out / RESULTS_NAME, results)
+    results = common.results_by_id(captions, "image_id", "caption")
+    common.write_json(out / common.RESULTS_NAME, results)
 
     with _quiet():
         coco_res = coco.loadRes([dict(r) for r in results])  # loadRes adds ids to the dicts it gets
@@ -410,7 +397,7 @@ def _score_and_write(
             subset = [i for i in ids if coco.imgs[i].get("domain") == domain]
             part = scorer.score({i: gts[i] for i in subset}, {i: res[i] for i in subset})
             metrics["per_domain"][domain] = {"num_images": len(subset), **part.metrics}
-    write_json(out / METRICS_NAME, metrics)
+    common.write_json(out / common.METRICS_NAME, metrics)
 
     samples = []
     for n in sample_indices(len(images), cfg.report_samples):
@@ -425,7 +412,7 @@ def _score_and_write(
             )
         )
     title = f"Captioning: {Path(cfg.ann_path).name} ({cfg.checkpoint})"
-    caption_report(out / REPORT_NAME, samples, title=title, metrics=metrics)
+    caption_report(out / common.REPORT_NAME, samples, title=title, metrics=metrics)
     logger.info("caption: %s", {k: v for k, v in metrics.items() if not isinstance(v, dict)})
     return metrics
 
@@ -448,7 +435,7 @@ def evaluate_caption(
             "set prompt for captioning (the paper's: 'a photo of')"
         )
     device = torch.device(device)
-    warn_if_autocast_recasts_llm(model, cfg.precision, device)
+    common.warn_if_autocast_recasts_llm(model, cfg.precision, device)
     images = load_caption_images(cfg.ann_path, cfg.image_root)
     if cfg.limit:
         images = images[: cfg.limit]
@@ -457,17 +444,14 @@ def evaluate_caption(
     caption = _captioner(model, cfg)
     coco = on_rank0(lambda: load_ground_truth(cfg, images), "reading the caption ground truth")
 
-    rank, world = get_rank(), get_world_size()
-    mine = images[rank::world]
-    logger.info("caption: rank %d of %d captions %d of %d images", rank, world, len(mine), len(images))
     # Rank 0 makes the scorer now, so METEOR's JVM loads while the images are captioned.
     scorer = on_rank0(lambda: CaptionScorer(scorers), "starting the caption scorers")
     try:
         model.eval()
         size = cfg.image_size or model.cfg.vision.image_size
-        captions = run_sharded(lambda: _caption_images(caption, mine, size, cfg, device), "captioning")
-        if len(captions) != len(images):
-            raise RuntimeError(f"{len(captions)} captions for {len(images)} images after merging the ranks")
+        captions = common.generate_sharded(
+            images, lambda mine: _caption_images(caption, mine, size, cfg, device), "captioning"
+        )
         return on_rank0(lambda: _score_and_write(cfg, images, captions, coco, scorer), "scoring", share=True)
     finally:
         if scorer is not None:

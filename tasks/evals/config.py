@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qformer.dtypes import DTYPES
 from tasks.config import ConfigError
 
 TASKS = ("retrieval", "vqa", "gqa", "caption")
@@ -51,6 +52,8 @@ class EvalConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         if self.vqa_eval_version not in ("lavis", "official"):
             raise ValueError(f"vqa_eval_version must be lavis or official, got {self.vqa_eval_version!r}")
 

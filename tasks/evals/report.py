@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.data.captions import load_image
+from tasks.evals.common import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -127,17 +128,13 @@ def _fmt(value: Any) -> str:
 
 
 def _write_page(path: str | Path, title: str, metrics: Mapping[str, Any] | None, cards: Sequence[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{_esc(title)}</title>\n<style>\n{_STYLE}\n</style>\n</head>\n<body>\n"
         f"<h1>{_esc(title)}</h1>\n{_metrics_table(metrics or {})}\n"
         f'<div class="cards">\n' + "\n".join(cards) + "\n</div>\n</body>\n</html>\n"
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    path = write_text(path, page)
     logger.info("wrote report %s (%d examples)", path, len(cards))
     return path
 

@@ -6,7 +6,7 @@
        by the learned temperature), or either alone; all others get -100.
 
 What makes it fast, with the same numbers as the reference's per-query loop:
-    - ranks split the images (and texts) instead of each encoding everything;
+    - ranks split the images (and texts, strided as every evaluator splits) instead of each encoding everything;
     - each (image, text) pair is scored once, even when it is in both top-k lists;
     - pairs are grouped by image, whose cross-attention keys/values are formed once for all its candidates;
     - ITM runs in batches of many pairs (the reference: one query at a time, in fp32);
@@ -15,7 +15,6 @@ What makes it fast, with the same numbers as the reference's per-query loop:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -23,17 +22,19 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qformer.blip2 import Blip2Stage1
 from qformer.dist import all_gather_variable, get_rank, get_world_size
 from tasks.data.text import clean_caption
-from tasks.data.transforms import eval_transform
+from tasks.dist import gather_strided, shard_indices
+from tasks.evals.common import METRICS_NAME, REPORT_NAME, autocast, image_batches, read_json, storage_dtype, write_json
 from tasks.evals.config import EvalConfig
-from tasks.evals.metrics import retrieval_metrics
+from tasks.evals.retrieval_metrics import retrieval_metrics
 
 logger = logging.getLogger(__name__)
+
+TOPK_NAME = "topk.json"
 
 
 @dataclass
@@ -46,10 +47,7 @@ class RetrievalData:
 
 def load_retrieval_data(ann_path: str, image_root: str, limit: int = 0) -> RetrievalData:
     """LAVIS-style test JSON: a list of {"image": relative path, "caption": [captions] or caption}."""
-    path = Path(ann_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"retrieval annotation file not found: {ann_path}")
-    entries = json.loads(path.read_text())
+    entries = read_json(ann_path, "retrieval annotation file")
     if limit:
         entries = entries[:limit]
     data = RetrievalData([], [], [], [])
@@ -64,29 +62,6 @@ def load_retrieval_data(ann_path: str, image_root: str, limit: int = 0) -> Retri
             data.txt2img.append(i)
             data.texts.append(clean_caption(caption))
     return data
-
-
-class _Images(Dataset):
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.transform = paths, eval_transform(size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(self.paths[i]) as img:
-                return self.transform(img.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            # Evaluation never skips: a missing image would silently change the benchmark.
-            raise ValueError(f"cannot read test image {self.paths[i]}: {e}") from e
-
-
-def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
-    per = -(-n // world)
-    return min(n, rank * per), min(n, (rank + 1) * per)
 
 
 @torch.no_grad()
@@ -127,15 +102,16 @@ def itm_pair_scores(
     return out
 
 
-def rerank_pairs(i2t_topk: Tensor, t2i_topk: Tensor, n_txt: int, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-    """The distinct (image, text) pairs in either top-k list whose image lies in [lo, hi), sorted by image."""
+def rerank_pairs(i2t_topk: Tensor, t2i_topk: Tensor, n_txt: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """The distinct (image, text) pairs in either top-k list whose image is this rank's (`shard_indices`),
+    sorted by image."""
     n_img, k = i2t_topk.shape
     images = torch.arange(n_img, device=i2t_topk.device)[:, None].expand(-1, k)
     texts = torch.arange(t2i_topk.shape[0], device=t2i_topk.device)[:, None].expand(-1, t2i_topk.shape[1])
     keys = torch.cat([(images * n_txt + i2t_topk).flatten(), (t2i_topk * n_txt + texts).flatten()])
     keys = torch.unique(keys)  # sorted: grouped by image
     img, txt = keys // n_txt, keys % n_txt
-    own = (img >= lo) & (img < hi)
+    own = img % world == rank
     return img[own], txt[own]
 
 
@@ -146,37 +122,33 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, cfg: EvalConfig, device: t
     data = load_retrieval_data(cfg.ann_path, cfg.image_root, cfg.limit)
     n_img, n_txt = len(data.images), len(data.texts)
     k = min(cfg.k_test, n_img, n_txt)
-    on_gpu = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    autocast = torch.autocast("cuda", dtype=dtype) if on_gpu and dtype != torch.float32 else contextlib.nullcontext()
-    store = dtype if on_gpu else torch.float32  # image token maps kept in half precision on a GPU
+    mixed = autocast(device, cfg.precision)
+    store = storage_dtype(device, cfg.precision)  # image token maps kept in half precision on a GPU
     model.eval()
 
-    # 1. This rank's images: token maps (kept here) and query features (shared).
-    lo, hi = _shard(n_img, rank, world)
+    # 1. This rank's images (rows rank, rank + W, ...): token maps (kept here) and query features (shared).
+    mine = [data.images[i] for i in shard_indices(n_img, rank, world)]
     size = model.cfg.vision.image_size
-    loader = DataLoader(_Images(data.images[lo:hi], size), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     embeds, feats = [], []
-    for images in tqdm(loader, desc="images", disable=not main):
-        with autocast:
-            e = model.encode_image(images.to(device))
+    for _, images in image_batches(mine, size, cfg.batch_size, cfg.num_workers, device, desc="images"):
+        with mixed:
+            e = model.encode_image(images)
             feats.append(model.image_features(e, use_cache=False).feats.float())
         embeds.append(e.to(store))
     image_embeds = torch.cat(embeds) if embeds else torch.empty(0, device=device)
-    image_feats = all_gather_variable(torch.cat(feats) if feats else torch.empty(0, 1, 1, device=device))
+    image_feats = gather_strided(torch.cat(feats) if feats else torch.empty(0, 1, 1, device=device), n_img)
 
     # 2. Texts: every rank tokenizes all (cheap), encodes its share.
     enc = tokenizer(
         data.texts, padding="max_length", truncation=True, max_length=cfg.max_text_length, return_tensors="pt"
     )
     ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-    tlo, thi = _shard(n_txt, rank, world)
+    my_texts = torch.as_tensor(shard_indices(n_txt, rank, world), dtype=torch.long, device=device)
     text_feats = []
-    for s in tqdm(range(tlo, thi, cfg.batch_size), desc="texts", disable=not main):
-        e = min(s + cfg.batch_size, thi)
-        with autocast:
-            text_feats.append(model.text_features(ids[s:e], mask[s:e]).feat.float())
-    text_feats = all_gather_variable(torch.cat(text_feats) if text_feats else torch.empty(0, 1, device=device))
+    for batch in tqdm(my_texts.split(cfg.batch_size), desc="texts", disable=not main):
+        with mixed:
+            text_feats.append(model.text_features(ids[batch], mask[batch]).feat.float())
+    text_feats = gather_strided(torch.cat(text_feats) if text_feats else torch.empty(0, 1, device=device), n_txt)
 
     # 3. ITC for every pair, then the top-k both ways.
     sim = itc_similarity(image_feats, text_feats)  # [n_img, n_txt]
@@ -190,8 +162,9 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, cfg: EvalConfig, device: t
         score_i2t.scatter_(1, i2t_topk, sim.gather(1, i2t_topk))
         score_t2i.scatter_(1, t2i_topk, sim.t().gather(1, t2i_topk))
     else:
-        img, txt = rerank_pairs(i2t_topk, t2i_topk, n_txt, lo, hi)
-        itm = itm_pair_scores(model, image_embeds, img - lo, ids[txt], mask[txt], cfg.batch_size, autocast, main)
+        img, txt = rerank_pairs(i2t_topk, t2i_topk, n_txt, rank, world)
+        local = torch.div(img, world, rounding_mode="floor")  # row of image_embeds: image rank + j * W is row j
+        itm = itm_pair_scores(model, image_embeds, local, ids[txt], mask[txt], cfg.batch_size, mixed, main)
         pairs = all_gather_variable(torch.stack([img.float(), txt.float(), itm], dim=1))  # [P_all, 3]
         itm_all = torch.full((n_img, n_txt), float("nan"), device=device)
         itm_all[pairs[:, 0].long(), pairs[:, 1].long()] = pairs[:, 2]
@@ -215,8 +188,7 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, cfg: EvalConfig, device: t
 
 def _write_outputs(cfg: EvalConfig, data: RetrievalData, metrics: dict, score_i2t: Tensor, score_t2i: Tensor) -> None:
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / METRICS_NAME, metrics, indent=2)
     top = min(10, score_i2t.shape[1], score_t2i.shape[1])
     i2t = score_i2t.topk(top, dim=1)
     t2i = score_t2i.topk(top, dim=1)
@@ -230,12 +202,12 @@ def _write_outputs(cfg: EvalConfig, data: RetrievalData, metrics: dict, score_i2
             for t in range(len(data.texts))
         ],
     }
-    (out / "topk.json").write_text(json.dumps(topk))
+    write_json(out / TOPK_NAME, topk, indent=None)
     try:
         from tasks.evals.report import retrieval_report
 
         retrieval_report(
-            out / "report.html", data.images, data.texts, i2t.indices.tolist(), data.img2txt, cfg.report_samples
+            out / REPORT_NAME, data.images, data.texts, i2t.indices.tolist(), data.img2txt, cfg.report_samples
         )
     except ImportError as e:  # the report is a convenience; the metrics are written regardless
         logger.warning("no HTML report: %s", e)

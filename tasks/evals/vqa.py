@@ -21,33 +21,35 @@ Inputs:
 
 An image that cannot be read stops the evaluation with an error naming the file (on every rank: a failure on one
 rank is reported to all of them instead of leaving them waiting in a collective).
-
-The helpers under "Shared by the generation evaluators" are used by `tasks.evals.caption` too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from qformer.caption import GenerationConfig
-from qformer.dist import get_rank, get_world_size, is_distributed
 from qformer.stage2 import Blip2Stage2
-from tasks.data.captions import load_image
 from tasks.data.text import clean_question
-from tasks.data.transforms import eval_transform
+from tasks.dist import on_rank0
+from tasks.evals.common import (
+    METRICS_NAME,
+    REPORT_NAME,
+    RESULTS_NAME,
+    autocast,
+    generate_sharded,
+    generation_config,
+    image_batches,
+    read_json,
+    results_by_id,
+    warn_if_autocast_recasts_llm,
+    write_json,
+)
 from tasks.evals.config import EvalConfig
 from tasks.evals.metrics import gqa_accuracy, normalize_gqa_prediction, vqa_metrics
 from tasks.evals.report import VQASample, sample_indices, vqa_report
@@ -61,179 +63,6 @@ __all__ = [
     "load_vqa_annotations",
     "load_vqa_questions",
 ]
-
-T = TypeVar("T")
-RESULTS_NAME = "results.json"
-METRICS_NAME = "metrics.json"
-REPORT_NAME = "report.html"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Shared by the generation evaluators (VQA and captioning)
-# ----------------------------------------------------------------------------------------------------------
-
-
-class ImageReadError(OSError):
-    """An evaluation image is missing or cannot be decoded; the message names the file."""
-
-
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """The parsed JSON file at `path`; a missing, unreadable or invalid file is an error naming it and `what`."""
-    if not path:
-        raise ValueError(f"no {what} given (empty path in the config)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as JSON through a temporary file, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    tmp.replace(path)
-    return path
-
-
-def sort_key(key: Hashable) -> tuple:
-    """Order ids numerically when they are numbers (or digit strings, as GQA's), then as strings."""
-    if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
-        return (0, int(key), str(key))
-    return (1, 0, str(key))
-
-
-def generation_config(cfg: EvalConfig) -> GenerationConfig:
-    return GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        min_new_tokens=cfg.min_new_tokens,
-        num_beams=cfg.num_beams,
-        length_penalty=cfg.length_penalty,
-    )
-
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to `precision` (bf16 / fp16) on a GPU; CPUs (and fp32) run in full precision."""
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
-    if device.type != "cuda" or AUTOCAST_DTYPES[precision] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=AUTOCAST_DTYPES[precision])
-
-
-def warn_if_autocast_recasts_llm(model: torch.nn.Module, precision: str, device: torch.device) -> None:
-    """Autocast also runs the frozen LLM's matmuls in its dtype: say so when that is not the LLM's own half
-    precision (LAVIS autocasts OPT in fp16 and Flan-T5 in bf16)."""
-    dtype = AUTOCAST_DTYPES.get(precision)
-    llm_dtype = getattr(model, "llm_dtype", None)
-    if (
-        device.type == "cuda"
-        and dtype is not None
-        and llm_dtype in (torch.float16, torch.bfloat16)
-        and llm_dtype != dtype
-    ):
-        logger.warning(
-            "precision=%s autocasts the frozen LLM (%s weights) to %s; set precision to match the LLM",
-            precision,
-            llm_dtype,
-            dtype,
-        )
-
-
-class _ImageFiles(Dataset):
-    """`(index, [3, S, S] eval-transformed image)` for each path; an unreadable file raises `ImageReadError`."""
-
-    def __init__(self, paths: Sequence[str], size: int) -> None:
-        self.paths = list(paths)
-        self.transform = eval_transform(size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor]:
-        path = self.paths[index]
-        try:
-            image = load_image(path)
-        except Exception as e:
-            raise ImageReadError(f"cannot read evaluation image {path}: {type(e).__name__}: {e}") from e
-        return index, self.transform(image)
-
-
-def image_batches(
-    paths: Sequence[str], size: int, batch_size: int, num_workers: int, device: torch.device, desc: str
-) -> Iterator[tuple[list[int], Tensor]]:
-    """Batches `(indices into paths, images [B, 3, size, size] on device)` in order, with a rank-0 progress bar."""
-    loader = DataLoader(
-        _ImageFiles(paths, size),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    for indices, images in tqdm(loader, desc=desc, unit="batch", disable=get_rank() != 0):
-        yield indices.tolist(), images.to(device, non_blocking=True)
-
-
-def run_sharded(work: Callable[[], dict[Hashable, T]], what: str) -> dict[Hashable, T]:
-    """Run this rank's `work` and merge every rank's resulting dict into one (every rank gets the merge).
-
-    A key produced by two ranks is an error, not an overwrite. If `work` fails on any rank, every rank raises
-    (the failing one its own exception, the others a RuntimeError quoting it), so no rank is left waiting.
-    """
-    if not is_distributed():
-        return work()
-    local: dict[Hashable, T] = {}
-    error: Exception | None = None
-    try:
-        local = work()
-    except Exception as e:  # reported to every rank below, then re-raised here
-        error = e
-    parts: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(parts, (local, None if error is None else f"{type(error).__name__}: {error}"))
-    if error is not None:
-        raise error
-    failures = [f"rank {r}: {message}" for r, (_, message) in enumerate(parts) if message]
-    if failures:
-        raise RuntimeError(f"{what} failed on another rank: " + "; ".join(failures))
-    merged: dict[Hashable, T] = {}
-    for rank, (part, _) in enumerate(parts):
-        for key, value in part.items():
-            if key in merged:
-                raise RuntimeError(f"{what}: {key!r} was produced by two ranks (the second is rank {rank})")
-            merged[key] = value
-    return merged
-
-
-def on_rank0(fn: Callable[[], T], what: str, share: bool = False) -> T | None:
-    """Run `fn` on rank 0 only and return its value there (and, with `share`, on every rank; else None).
-
-    If `fn` fails, rank 0 raises its exception and every other rank a RuntimeError quoting it.
-    """
-    if not is_distributed():
-        return fn()
-    value: T | None = None
-    error: Exception | None = None
-    if get_rank() == 0:
-        try:
-            value = fn()
-        except Exception as e:  # reported to every rank below, then re-raised here
-            error = e
-    message = [None if error is None else f"{type(error).__name__}: {error}", value if share else None]
-    dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
-    return value if get_rank() == 0 else message[1]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Questions and ground truth
@@ -374,8 +203,7 @@ def _score_and_write(
 ) -> dict[str, Any]:
     """Rank 0: results.json, metrics.json and report.html; returns the metrics."""
     out = Path(cfg.output_dir)
-    results = [{"question_id": qid, "answer": answers[qid]} for qid in sorted(answers, key=sort_key)]
-    write_json(out / RESULTS_NAME, results)
+    write_json(out / RESULTS_NAME, results_by_id(answers, "question_id", "answer"))
 
     metrics: dict[str, Any] = {"task": cfg.task, "num_questions": len(questions)}
     per_question: dict[Hashable, float] = {}
@@ -436,13 +264,10 @@ def evaluate_vqa(model: Blip2Stage2, cfg: EvalConfig, device: torch.device | str
         on_rank0(lambda: _vqa_ground_truth(cfg, questions), "reading the annotations") if cfg.task == "vqa" else None
     )
 
-    rank, world = get_rank(), get_world_size()
-    mine = questions[rank::world]
-    logger.info("%s: rank %d of %d answers %d of %d questions", cfg.task, rank, world, len(mine), len(questions))
     model.eval()
-    answers = run_sharded(lambda: _answer_questions(model, mine, cfg, device), f"{cfg.task} generation")
-    if len(answers) != len(questions):
-        raise RuntimeError(f"{len(answers)} answers for {len(questions)} questions after merging the ranks")
+    answers = generate_sharded(
+        questions, lambda mine: _answer_questions(model, mine, cfg, device), f"{cfg.task} answers"
+    )
     return on_rank0(
         lambda: _score_and_write(cfg, questions, answers, vqa_truth, gqa_truth), "scoring and writing", share=True
     )

@@ -9,7 +9,9 @@
               with the soft prompt of a random other image
 
 Everything runs through the real entry points, configs, loaders and evaluators. Writes `OUT/report.md` with the
-metrics, loss curves (PNG) and a gallery of test images with their captions and answers.
+metrics, loss curves (PNG) and a gallery of test images with their captions and answers (`tasks.shapes.report`).
+
+    python -m tasks.shapes.demo [--fast] [--out runs/shapes] [--seed 0] [--clean]
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from pathlib import Path
 
 import torch
 
+from tasks import command
+from tasks.shapes.report import write_report
+
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "shapes"
 
 
 @dataclass
@@ -37,7 +42,7 @@ class DemoPreset:
     stage2_steps: int  # OPT
     stage2_t5_steps: int  # T5 learns to read the soft prompt several times slower than OPT (README, "The shapes demo")
     batch_size: int
-    stage0: str  # the tasks.shapes_stage0 preset
+    stage0: str  # the tasks.shapes.stage0 preset
     stage1_lr: float = 1e-3
     stage1_warmup: int = 50
     stage2_lr: float | None = None  # None: the stage-2 configs' own (1e-3)
@@ -46,7 +51,7 @@ class DemoPreset:
 
 
 PRESETS = {
-    # The world's size comes with the stage-0 preset of the same name (tasks.shapes_stage0.PRESETS).
+    # The world's size comes with the stage-0 preset of the same name (tasks.shapes.stage0.PRESETS).
     "full": DemoPreset(stage1_steps=1000, stage2_steps=500, stage2_t5_steps=2500, batch_size=32, stage0="full"),
     # ITC sits at chance (log B) for its first 100-200 steps before it falls; a higher peak and a short warmup get the
     # fast run's 450 steps past that. Stage 2 at twice the full run's peak: in 400 steps both LMs learn to answer
@@ -87,7 +92,7 @@ def _eval(config: str, overrides: list[str]) -> dict:
 
 
 def run_demo(out: str | Path, fast: bool = False, seed: int = 0) -> dict:
-    from tasks.shapes_stage0 import RECIPE, build_stage0
+    from tasks.shapes.stage0 import RECIPE, build_stage0
 
     name = "fast" if fast else "full"
     preset = PRESETS[name]
@@ -362,173 +367,24 @@ def _blind_vqa(checkpoint: Path, world: dict, out: Path) -> dict:
     return metrics
 
 
-# -- report ---------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `qformer demo` and `python -m tasks.shapes.demo`."""
+    parser.add_argument("--out", default="runs/shapes")
+    parser.add_argument("--fast", action="store_true", help="a smaller world and fewer steps (CI: a few minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clean", action="store_true", help="delete OUT first")
+    parser.set_defaults(log_level=logging.WARNING)
 
 
-def _plot_losses(out: Path, runs: dict[str, Path]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    for title, run in runs.items():
-        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-        fig, ax = plt.subplots(figsize=(5, 3))
-        for key in ("loss", "loss_itc", "loss_itm", "loss_itg"):
-            if key in log[0]:
-                ax.plot([r["step"] for r in log], [r[key] for r in log], label=key)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.legend()
-        fig.tight_layout()
-        name = f"loss_{run.name}.png"
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        names.append(name)
-    return names
-
-
-def _pct(x) -> str:
-    return f"{x:.1f}" if isinstance(x, (int, float)) else str(x)
-
-
-def write_report(out: Path, results: dict, world: dict, stage2: dict) -> Path:
-    chance = results["retrieval_chance"]
-    lines = ["# The shapes world: BLIP-2 end to end on a CPU", ""]
-    lines += ["Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
-    if results.get("stage0"):
-        lines += _stage0_lines(results["stage0"])
-    lines += [
-        "## Retrieval (held-out test images: ITC, then ITM re-ranks the top k)",
-        "",
-        "Re-rank score: ITM logit + ITC logit (similarity / temperature); the reference's ITM logit + ITC cosine "
-        "leaves the order to ITM alone.",
-        "",
-        "| | R@1 | R@5 | R@10 |",
-        "|---|---|---|---|",
-    ]
-    rows = (
-        ("", results["retrieval"]),
-        (", reference score (ITM + cosine)", results["retrieval_reference"]),
-        (", ITC only", results["retrieval_itc"]),
-        (", chance", chance),
-    )
-    for direction, prefix in (("text", "txt"), ("image", "img")):
-        for suffix, m in rows:
-            cells = " | ".join(_pct(m[f"{prefix}_r{k}"]) for k in (1, 5, 10))
-            lines += [f"| {direction} retrieval{suffix} | {cells} |"]
-    lines += [""]
-    c, base = results["caption"], results["caption_baseline"]
-    lines += ["## Captioning (OPT)", "", "| | BLEU-4 | ROUGE-L | CIDEr |", "|---|---|---|---|"]
-    rand = results["caption_random_image"]
-    for name, m in (
-        ("BLIP-2 (ours)", c),
-        ("baseline: our captions, scored against a random other image", rand),
-        (f'baseline: always "{base["caption"]}"', base),
-    ):
-        lines += [f"| {name} | {_pct(100 * m['Bleu_4'])} | {_pct(100 * m['ROUGE_L'])} | {_pct(100 * m['CIDEr'])} |"]
-    lines += [""]
-    lines += ["## Zero-shot VQA (the Q-Former never saw a question; VQAv2 accuracy)", ""]
-    types = sorted(results["vqa"]["opt"]["image"]["per_question_type"])
-    lines += ["| LM | input | overall | " + " | ".join(types) + " |", "|---" * (3 + len(types)) + "|"]
-    for llm, runs in results["vqa"].items():
-        for name, m in (
-            ("image", runs["image"]),
-            ("blind (no image)", runs["blind"]),
-            ("random image", runs["random_image"]),
-        ):
-            per = m["per_question_type"]
-            lines += [
-                f"| {llm} | {name} | {_pct(m['overall'])} | " + " | ".join(_pct(per.get(t, "-")) for t in types) + " |"
-            ]
-    lines += [""]
-    lines += _margin_lines(results["checks"])
-    plots = _plot_losses(
-        out, {"stage 1": out / "stage1", "stage 2 (OPT)": out / "stage2_opt", "stage 2 (T5)": out / "stage2_t5"}
-    )
-    lines += ["## Training", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += _gallery(out, world)
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _stage0_lines(stage0: dict) -> list[str]:
-    v = stage0["vit_metrics"]
-    lines = [
-        "## Stage 0: the frozen components (trained first, held-out validation scenes)",
-        "",
-        f"ViT (attribute read-outs of its tokens, used only to train it): an object fully right (shape, colour, size "
-        f"and cell) {100 * v['object_all']:.1f}% (chance {100 * v['chance_object_all']:.2f}%): shape "
-        f"{100 * v['object_shape']:.1f}, colour {100 * v['object_colour']:.1f}, size {100 * v['object_size']:.1f}, "
-        f"cell {100 * v['object_cell']:.1f}; object count {100 * v['count']:.1f}.",
-        "",
-        "Language models, text only (exact-match answers): the scene's caption before the question, no caption, and "
-        "the training corpus's most common answer to the question's wording:",
-        "",
-        "| LM | caption + question | question only | most common answer |",
-        "|---|---|---|---|",
-    ]
-    for llm in ("opt", "t5"):
-        m = stage0[f"{llm}_metrics"]
-        lines += [
-            f"| {llm} | {100 * m['qa_caption']:.1f} | {100 * m['qa_no_caption']:.1f} | {100 * m['qa_prior']:.1f} |"
-        ]
-    return lines + [""]
-
-
-def _margin_lines(checks: dict) -> list[str]:
-    lines = ["## Learned, or not? (points above each baseline: chance, blind, random image, ITC alone)", ""]
-    lines += ["| check | margin |", "|---|---|"]
-    lines += [f"| {name} | {value:+.1f} |" for name, value in checks.items()]
-    return lines + [""]
-
-
-def _gallery(out: Path, world: dict, n: int = 8) -> list[str]:
-    from PIL import Image
-
-    captions = {x["image_id"]: x["caption"] for x in json.loads((out / "eval/caption/results.json").read_text())}
-    questions = json.loads(Path(world["test_questions"]).read_text())["questions"]
-    answers = {}
-    for llm in ("opt", "t5"):
-        for x in json.loads((out / f"eval/vqa_{llm}/results.json").read_text()):
-            answers.setdefault(x["question_id"], {})[llm] = x["answer"]
-    truth = {
-        a["question_id"]: a["multiple_choice_answer"]
-        for a in json.loads(Path(world["test_annotations"]).read_text())["annotations"]
-    }
-    gallery = out / "gallery"
-    gallery.mkdir(exist_ok=True)
-    lines = ["## Gallery (test images)", "", "| image | caption (OPT) | questions: truth / OPT / T5 |", "|---|---|---|"]
-    for image_id in sorted(captions)[:n]:
-        source = Path(world["image_root"]) / world["image_pattern"].format(image_id=image_id)
-        target = gallery / f"{image_id}.png"
-        Image.open(source).resize((128, 128), Image.NEAREST).save(target)
-        qa = [
-            f"{q['question']} **{truth[q['question_id']]}** / {answers[q['question_id']].get('opt', '-')} / "
-            f"{answers[q['question_id']].get('t5', '-')}"
-            for q in questions
-            if q["image_id"] == image_id
-        ][:3]
-        lines += [f"| ![]({target.relative_to(out)}) | {captions[image_id]} | {'<br>'.join(qa)} |"]
-    return lines + [""]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="qformer demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default="runs/shapes")
-    p.add_argument("--fast", action="store_true", help="a smaller world and fewer steps (CI: a few minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clean", action="store_true", help="delete OUT first")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def run(args: argparse.Namespace) -> int:
     if args.clean:
         shutil.rmtree(args.out, ignore_errors=True)
     run_demo(args.out, fast=args.fast, seed=args.seed)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main("demo", add_arguments, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

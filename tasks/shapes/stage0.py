@@ -1,7 +1,7 @@
 """Stage 0 of the shapes world: the frozen components, trained first, as the real ones were.
 
 BLIP-2 starts from a pretrained image encoder (EVA-CLIP ViT-g), pretrained language models (OPT, Flan-T5) and a
-pretrained BERT. In the shapes world (`tasks.data.shapes`) we make small ones ourselves, on a CPU, from nothing:
+pretrained BERT. In the shapes world (`tasks.shapes.world`) we make small ones ourselves, on a CPU, from nothing:
 
     train_vit        a tiny EVA-style ViT (`qformer.vision`, arch "tiny" with overrides: 96 px, patch 16, so each cell
                      of the scene's 3x3 grid is 2x2 patches), trained with dense supervision: each object's patch
@@ -11,8 +11,8 @@ pretrained BERT. In the shapes world (`tasks.data.shapes`) we make small ones ou
                      `VisionConfig(..., weights=path, weights_format="timm")` (see `vit_config`).
     train_tokenizer  a word-level tokenizer trained with `tokenizers` on the corpus ("\\n" is a token: OPT's end of
                      text), saved OPT-style (BOS "</s>" first) and T5-style ("</s>" last).
-    train_opt        a tiny OPTForCausalLM and a tiny T5ForConditionalGeneration (gated-gelu, unscaled outputs, as
-    train_t5         Flan-T5) trained from scratch on text only: captions, then question/answer pairs about them.
+    train_lm         a tiny OPTForCausalLM ("opt") or T5ForConditionalGeneration ("t5": gated-gelu, unscaled outputs,
+                     as Flan-T5) trained from scratch on text only: captions, then question/answer pairs about them.
                      They learn that answers follow from the scene described before the question, including when
                      that description comes before OPT's BOS (where stage 2 puts the soft prompt) or before T5's
                      encoder text. Saved with `save_pretrained` for `qformer.stage2.load_llm`.
@@ -22,7 +22,7 @@ pretrained BERT. In the shapes world (`tasks.data.shapes`) we make small ones ou
 
 Each trainer writes its held-out evaluation next to what it saves (`<vit>.json`, `<folder>/shapes_eval.json`).
 
-    python -m tasks.shapes_stage0 runs/shapes [--fast]
+    python -m tasks.shapes.stage0 runs/shapes [--fast]
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from tasks.data.shapes import load_world, vocabulary
-from tasks.shapes_lm import answer_prior, evaluate_lm, lm_tokenizer, train_opt, train_t5, train_tokenizer
-from tasks.shapes_vit import evaluate_vit, init_std, normalize_images, train_vit, vit_config
+from tasks.log import setup_logging
+from tasks.shapes.lm import answer_prior, evaluate_lm, lm_tokenizer, train_lm, train_tokenizer
+from tasks.shapes.vit import evaluate_vit, init_std, normalize_images, train_vit, vit_config
+from tasks.shapes.world import load_world, vocabulary, write_world
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ __all__ = [
     "lm_tokenizer",
     "normalize_images",
     "qformer_config",
-    "train_opt",
-    "train_t5",
+    "train_lm",
     "train_tokenizer",
     "train_vit",
     "vit_config",
@@ -211,8 +211,6 @@ def build_stage0(
     With `reuse`, a finished build of the same preset, seed and `RECIPE` under `root` (its stage0.json and every file it
     names) is returned as it is: an interrupted demo restarts where it stopped.
     """
-    from tasks.data.shapes import write_world
-
     t_start = time.time()
     if threads:
         torch.set_num_threads(threads)
@@ -268,15 +266,16 @@ def build_stage0(
         lr=preset.vit_lr,
     )
     tokenizer = timed("tokenizer", train_tokenizer, world["corpus"], root / "tokenizer")
-    lm = dict(hidden=preset.lm_hidden, layers=preset.lm_layers, batch_size=preset.lm_batch)
-    opt = timed(
-        "opt", train_opt, world["corpus"], tokenizer, root / "opt", preset.opt_steps, seed,
-        lr=preset.opt_lr, eval_corpus=world["corpus_val"], **lm,
-    )  # fmt: skip
-    t5 = timed(
-        "t5", train_t5, world["corpus"], tokenizer, root / "t5", preset.t5_steps, seed,
-        lr=preset.t5_lr, eval_corpus=world["corpus_val"], **{**lm, "layers": preset.t5_layers},
-    )  # fmt: skip
+    lms = {}
+    for kind, steps, lr, layers in (
+        ("opt", preset.opt_steps, preset.opt_lr, preset.lm_layers),
+        ("t5", preset.t5_steps, preset.t5_lr, preset.t5_layers),
+    ):
+        lms[kind] = timed(
+            kind, train_lm, kind, world["corpus"], tokenizer, root / kind, steps, seed, hidden=preset.lm_hidden,
+            layers=layers, batch_size=preset.lm_batch, lr=lr, eval_corpus=world["corpus_val"],
+        )  # fmt: skip
+    opt, t5 = lms["opt"], lms["t5"]
     bert = timed("bert", bert_folder, root / "bert", preset.bert_hidden, preset.bert_layers, seed=seed)
     seconds["total"] = round(time.time() - t_start, 2)
     cfg = vit_config(preset.vit_width, preset.vit_depth, weights=vit)
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging(logging.INFO)
     result = build_stage0(args.root, fast=args.fast, seed=args.seed, threads=args.threads)
     summary = {
         "vit_object_accuracy": result["vit_metrics"]["object_all"],

@@ -1,6 +1,6 @@
 """The shapes world's language models (stage 0): a word-level tokenizer trained with `tokenizers`, and a tiny OPT and a
 tiny T5 (Flan-T5 style) trained from scratch on text only, saved with `save_pretrained` and loaded frozen through
-`qformer.stage2.load_llm` like OPT-2.7B / Flan-T5. See `tasks.shapes_stage0` for how they fit with the rest."""
+`qformer.stage2.load_llm` like OPT-2.7B / Flan-T5. See `tasks.shapes.stage0` for how they fit with the rest."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.data.shapes import read_corpus, vocabulary
-from tasks.shapes_vit import init_std
+from tasks.shapes.vit import init_std
+from tasks.shapes.world import read_corpus, vocabulary
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["answer_prior", "evaluate_lm", "lm_tokenizer", "train_opt", "train_t5", "train_tokenizer"]
+__all__ = ["answer_prior", "evaluate_lm", "lm_tokenizer", "train_lm", "train_tokenizer"]
 
 # ------------------------------------------------------------------------------------------------------ tokenizers
 
@@ -203,53 +203,12 @@ def _train_loop(model, batch_fn, steps: int, lr: float, name: str, probe=None, p
     return loss.item()
 
 
-def _train_and_save(
-    model, tokenizer, batch_fn, *, name: str, steps: int, lr: float, out_dir, corpus, eval_corpus, probe_every: int,
-    info: dict, t0: float,
-) -> Path:  # fmt: skip
-    """Train, save model and tokenizer with `save_pretrained`, write `out_dir/shapes_eval.json` (with the held-out
-    accuracies of `evaluate_lm` when `eval_corpus` is given)."""
-    probe = (lambda: evaluate_lm(model, tokenizer, eval_corpus, limit=200, modes=PROBE_MODES)) if eval_corpus else None
-    final_loss = _train_loop(model, batch_fn, steps, lr, name, probe, probe_every)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    info = {"steps": steps, **info, "loss": final_loss, "train_seconds": time.time() - t0}
-    if eval_corpus:
-        info.update(evaluate_lm(model, tokenizer, eval_corpus, prior_corpus=corpus))
-    (out_dir / "shapes_eval.json").write_text(json.dumps(info, indent=1))
-    return out_dir
-
-
-def train_opt(
-    corpus: str | Path,
-    tokenizer_dir: str | Path,
-    out_dir: str | Path,
-    steps: int = 1200,
-    seed: int = 0,
-    *,
-    hidden: int = 128,
-    layers: int = 3,
-    heads: int = 4,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    eval_corpus: str | Path | None = None,
-    probe_every: int = 0,
-) -> Path:
-    """A tiny OPTForCausalLM trained from scratch on the corpus; saved (with its tokenizer) at `out_dir`.
-
-    With `eval_corpus`, its held-out accuracies (`evaluate_lm`) go to `out_dir/shapes_eval.json`.
-    """
+def _new_opt(vocab_size: int, hidden: int, layers: int, heads: int):
+    """A tiny OPTForCausalLM, freshly initialised."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    t0 = time.time()
-    tokenizer = lm_tokenizer(tokenizer_dir, "opt")
-    text = _Text(tokenizer)
-    scenes = read_corpus(corpus)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
     cfg = OPTConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         num_hidden_layers=layers,
         ffn_dim=4 * hidden,
@@ -265,52 +224,27 @@ def train_opt(
         # steps; at about 0.5 / sqrt(width) copying and lookup heads form within the first few hundred.
         init_std=init_std(hidden),
     )
-    model = OPTForCausalLM(cfg)
-
-    def batch() -> Tensor:
-        rows = [_opt_example(text, rng.choice(scenes), rng) for _ in range(batch_size)]
-        ids = _pad([r[0] for r in rows], PAD_ID)
-        weights = _pad([r[1] for r in rows], 0.0)
-        mask = (weights > 0).long()
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        w = weights[:, 1:].flatten()
-        return (losses * w).sum() / w.sum()
-
-    return _train_and_save(
-        model, tokenizer, batch, name="opt", steps=steps, lr=lr, out_dir=out_dir, corpus=corpus,
-        eval_corpus=eval_corpus, probe_every=probe_every, info=dict(hidden=hidden, layers=layers), t0=t0,
-    )  # fmt: skip
+    return OPTForCausalLM(cfg)
 
 
-def train_t5(
-    corpus: str | Path,
-    tokenizer_dir: str | Path,
-    out_dir: str | Path,
-    steps: int = 1200,
-    seed: int = 0,
-    *,
-    hidden: int = 128,
-    layers: int = 3,
-    heads: int = 4,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    eval_corpus: str | Path | None = None,
-    probe_every: int = 0,
-) -> Path:
-    """A tiny T5ForConditionalGeneration (Flan-T5 style: gated-gelu, decoder outputs not rescaled; transformers 5
-    ties every T5's LM head to its embeddings whatever the config says) trained from scratch on the corpus with
-    prefix-LM and question-answering targets; saved (with its tokenizer) at `out_dir`."""
+def _opt_loss(model, rows: list[tuple[list[int], list[float]]]) -> Tensor:
+    """Next-token cross-entropy of `_opt_example` rows, weighted by their loss weights."""
+    ids = _pad([r[0] for r in rows], PAD_ID)
+    weights = _pad([r[1] for r in rows], 0.0)
+    mask = (weights > 0).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    w = weights[:, 1:].flatten()
+    return (losses * w).sum() / w.sum()
+
+
+def _new_t5(vocab_size: int, hidden: int, layers: int, heads: int):
+    """A tiny T5ForConditionalGeneration, freshly initialised, Flan-T5 style: gated-gelu, decoder outputs not
+    rescaled (transformers 5 ties every T5's LM head to its embeddings whatever the config says)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    t0 = time.time()
-    tokenizer = lm_tokenizer(tokenizer_dir, "t5")
-    text = _Text(tokenizer)
-    scenes = read_corpus(corpus)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
     cfg = T5Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         d_model=hidden,
         d_kv=hidden // heads,
         d_ff=2 * hidden,
@@ -329,17 +263,64 @@ def train_t5(
     model = T5ForConditionalGeneration(cfg)
     with torch.no_grad():  # the embeddings, which are also the LM head, come at std 1: first logits in the tens
         model.lm_head.weight.normal_(0.0, hidden**-0.5)
+    return model
+
+
+def _t5_loss(model, rows: list[tuple[list[int], list[int]]]) -> Tensor:
+    """Cross-entropy of the decoder targets of `_t5_example` rows."""
+    enc = _pad([r[0] for r in rows], PAD_ID)
+    labels = _pad([r[1] for r in rows], -100)
+    return model(input_ids=enc, attention_mask=(enc != PAD_ID).long(), labels=labels).loss
+
+
+# Each kind's fresh model, training example and batch loss; the rest of training is the same for both.
+_LMS = {"opt": (_new_opt, _opt_example, _opt_loss), "t5": (_new_t5, _t5_example, _t5_loss)}
+
+
+def train_lm(
+    kind: str,
+    corpus: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    steps: int = 1200,
+    seed: int = 0,
+    *,
+    hidden: int = 128,
+    layers: int = 3,
+    heads: int = 4,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    eval_corpus: str | Path | None = None,
+    probe_every: int = 0,
+) -> Path:
+    """A tiny language model trained from scratch on the corpus, saved (model and tokenizer, `save_pretrained`) at
+    `out_dir`: "opt" an OPTForCausalLM on captions and question/answer blocks (`_opt_example`), "t5" a Flan-T5 style
+    T5ForConditionalGeneration on prefix-LM and question-answering targets (`_t5_example`).
+
+    Writes `out_dir/shapes_eval.json`, with the held-out accuracies of `evaluate_lm` when `eval_corpus` is given.
+    """
+    t0 = time.time()
+    tokenizer = lm_tokenizer(tokenizer_dir, kind)
+    new_model, example, loss = _LMS[kind]
+    text = _Text(tokenizer)
+    scenes = read_corpus(corpus)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = new_model(len(tokenizer), hidden, layers, heads)
 
     def batch() -> Tensor:
-        rows = [_t5_example(text, rng.choice(scenes), rng) for _ in range(batch_size)]
-        enc = _pad([r[0] for r in rows], PAD_ID)
-        labels = _pad([r[1] for r in rows], -100)
-        return model(input_ids=enc, attention_mask=(enc != PAD_ID).long(), labels=labels).loss
+        return loss(model, [example(text, rng.choice(scenes), rng) for _ in range(batch_size)])
 
-    return _train_and_save(
-        model, tokenizer, batch, name="t5", steps=steps, lr=lr, out_dir=out_dir, corpus=corpus,
-        eval_corpus=eval_corpus, probe_every=probe_every, info=dict(hidden=hidden, layers=layers), t0=t0,
-    )  # fmt: skip
+    probe = (lambda: evaluate_lm(model, tokenizer, eval_corpus, limit=200, modes=PROBE_MODES)) if eval_corpus else None
+    final_loss = _train_loop(model, batch, steps, lr, kind, probe, probe_every)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = {"steps": steps, "hidden": hidden, "layers": layers, "loss": final_loss, "train_seconds": time.time() - t0}
+    if eval_corpus:
+        info.update(evaluate_lm(model, tokenizer, eval_corpus, prior_corpus=corpus))
+    (out_dir / "shapes_eval.json").write_text(json.dumps(info, indent=1))
+    return out_dir
 
 
 @torch.no_grad()

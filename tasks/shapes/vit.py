@@ -1,6 +1,6 @@
 """The shapes world's ViT (stage 0): a tiny EVA-style timm ViT trained on the world's images with dense attribute
 supervision, saved as a timm state dict and loaded frozen through `qformer.vision` like EVA ViT-g. See
-`tasks.shapes_stage0` for how it fits with the rest of stage 0."""
+`tasks.shapes.stage0` for how it fits with the rest of stage 0."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from qformer.config import VisionConfig
-from tasks.data.shapes import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, load_scenes, load_world, object_mask
 from tasks.data.transforms import CLIP_MEAN, CLIP_STD
+from tasks.shapes.world import COLOURS, GRID, IMAGE_SIZE, SHAPES, SIZES, load_scenes, load_world, object_mask
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ INIT_SCALE = 0.5
 
 def init_std(width: int) -> float:
     """Initial weight std of the tiny models: 0.5 / sqrt(width) (0.0625 at 64) instead of BERT's 0.02 (see
-    `train_opt`)."""
+    `tasks.shapes.lm._new_opt`)."""
     return INIT_SCALE / math.sqrt(width)
 
 
@@ -137,7 +137,7 @@ def _vit_targets(scenes: list[dict]) -> dict[str, Tensor]:
 
 
 def _init_vit(model: nn.Module, width: int) -> None:
-    """Re-draw the blocks' linear weights with std INIT_SCALE / sqrt(width) instead of timm's 0.02 (see train_opt)."""
+    """Re-draw the blocks' linear weights with std INIT_SCALE / sqrt(width) instead of timm's 0.02 (see init_std)."""
     with torch.no_grad():
         for block in model.blocks:
             for module in block.modules():
