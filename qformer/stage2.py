@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from qformer.blip2 import VISUAL_PREFIX, load_visual_state, split_visual_state
 from qformer.caption import GenerationConfig
 from qformer.config import Blip2Config, check_activation
 from qformer.convert import QFORMER_KEYS, KeyMap, convert_state_dict, load_converted
@@ -257,7 +258,6 @@ class Blip2Stage2(nn.Module):
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 
-VISUAL_PREFIX = {"ours": "visual.model.", "lavis": "visual_encoder.", "transformers": "vision_model."}
 LLM_PREFIX = {"ours": "llm.", "transformers": "language_model."}  # LAVIS files never carry the frozen LLM
 
 
@@ -300,11 +300,10 @@ def load_stage2_state(
     shapes, and are loaded too (a transformers BLIP-2 folder carries them). A LAVIS file has no LLM keys; a
     pretrained one no `visual_encoder.*` either (then the image encoder keeps the weights it was built with).
     """
-    vprefix, lprefix = VISUAL_PREFIX[fmt], LLM_PREFIX.get(fmt)
-    ln_vision_key = "vision_model.post_layernorm."
-    visual = {k: v for k, v in state.items() if k.startswith(vprefix) and not k.startswith(ln_vision_key)}
-    llm = {k[len(lprefix) :]: v for k, v in state.items() if lprefix and k.startswith(lprefix)}
-    rest = {k: v for k, v in state.items() if k not in visual and not (lprefix and k.startswith(lprefix))}
+    visual, rest = split_visual_state(state, fmt)
+    lprefix = LLM_PREFIX.get(fmt)
+    llm = {k[len(lprefix) :]: v for k, v in rest.items() if lprefix and k.startswith(lprefix)}
+    rest = {k: v for k, v in rest.items() if not (lprefix and k.startswith(lprefix))}
     dropped = load_converted(
         model, rest, fmt, key_map=stage2_keys(model), source=source, allowed_missing=["visual.", "llm."]
     )
@@ -313,15 +312,7 @@ def load_stage2_state(
 
         check_state_dict(model.llm, llm, source=f"{source} ({lprefix}*)")
         model.llm.load_state_dict(llm, strict=False)
-    if visual:
-        if model.visual is None:
-            raise ValueError(f"{source} holds image encoder weights ({vprefix}*) but the model has no image encoder")
-        from qformer.vision import load_vision_weights
-
-        dropped += load_vision_weights(model.visual, visual, "timm" if fmt == "ours" else fmt, prefix=vprefix)
-    elif require_visual:
-        raise ValueError(f"{source} has no image encoder weights ({vprefix}*)")
-    return dropped
+    return dropped + load_visual_state(model, visual, fmt, source=source, require_visual=require_visual)
 
 
 def init_from_stage1(model: Blip2Stage2, stage1_state: dict[str, Tensor], *, source: str = "stage-1") -> list[str]:

@@ -30,10 +30,10 @@ from transformers import Blip2ForConditionalGeneration, OPTConfig, OPTForCausalL
 from qformer import vision as qvision
 from qformer.caption import GenerationConfig
 from qformer.config import Blip2Config, LLMConfig, QFormerConfig, VisionConfig
+from qformer.dtypes import DTYPES
 from qformer.hf_folders import export_stage2
 from qformer.stage2 import CAPTION_GENERATION, VQA_GENERATION, VQA_PROMPT, Blip2Stage2
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A small EVA-shaped encoder for CPU runs (not a built-in arch: registered for this script only).
 BENCH_ARCH = qvision.ArchSpec("eva", 384, 6, 6, 6, 1536, 14, 1e-6)
 LLM_SIZES = {  # hidden, layers, heads, FFN, vocab rows

@@ -20,8 +20,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from qformer import QFormer, QFormerConfig
 from qformer.convert import qformer_state_dict, split_transformers_qformer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from qformer.dtypes import DTYPES
 
 
 def build_pair(cfg: QFormerConfig, attn: str) -> tuple[QFormer, Blip2QFormerModel, torch.Tensor]:

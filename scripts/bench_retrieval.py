@@ -18,9 +18,8 @@ import torch
 
 from qformer.blip2 import Blip2Stage1
 from qformer.config import Blip2Config
+from qformer.dtypes import DTYPES
 from tasks.evals.retrieval import itc_similarity, itm_pair_scores, rerank_pairs
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()

@@ -19,9 +19,8 @@ import torch
 
 from qformer.blip2 import Blip2Stage1
 from qformer.config import Blip2Config
+from qformer.dtypes import DTYPES
 from tasks.stage1 import stage1_losses
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def stage1_flops(model: Blip2Stage1, batch: int, text_len: int) -> float:

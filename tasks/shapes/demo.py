@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tasks import command
+from tasks.evals.common import write_json, write_text
 from tasks.shapes.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def run_demo(out: str | Path, fast: bool = False, seed: int = 0) -> dict:
         results["vqa"][llm] = {"image": with_image, "random_image": random_image, "blind": blind}
     lap("zero-shot VQA")
     results["checks"] = learned_margins(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     write_report(out, results, world, stage2)
     lap("report")
     for name, value in results["checks"].items():
@@ -362,8 +363,7 @@ def _blind_vqa(checkpoint: Path, world: dict, out: Path) -> dict:
         for q, text in zip(batch, tok.batch_decode(ids, skip_special_tokens=True), strict=True):
             answers[q["question_id"]] = text.strip()
     metrics = vqa_metrics(answers, annotations, version=cfg.vqa_eval_version)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items() if k != "per_question"}, indent=1))
+    write_json(out / "metrics.json", {k: v for k, v in metrics.items() if k != "per_question"})
     return metrics
 
 

@@ -317,7 +317,9 @@ def evaluate_vit(world, weights: str | Path, split: str = "test", width: int | N
     saved = torch.load(_heads_path(weights), map_location="cpu", weights_only=True)
     width = width or saved["width"]
     if depth is None:
-        keys = torch.load(weights, map_location="cpu", weights_only=True).keys()
+        from qformer.tensor_files import TensorFile
+
+        keys = TensorFile(weights).keys()
         depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
     encoder = build_vision_encoder(vit_config(width, depth, weights=weights))
     heads = _VitHeads(width)
