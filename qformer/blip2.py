@@ -187,6 +187,17 @@ class Blip2Stage1(nn.Module):
             cfg=cfg,
         )
 
+    def caption(self, image: Tensor, tokenizer, cfg: GenerationConfig | None = None) -> list[str]:
+        """Captions as text, with the BERT tokenizer the model was trained with (its `[DEC]` in the CLS slot)."""
+        ids = self.generate(
+            image,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            cfg=cfg,
+        )
+        return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
 
 def stage1_state_dict(model: Blip2Stage1, fmt: str = "ours", *, include_visual: bool = True) -> dict[str, Tensor]:
     """The stage-1 model's weights under `fmt` names ("ours", "lavis", "transformers").

@@ -162,14 +162,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     cfg = _generation_cfg(args, CAPTION_GENERATION)
     if isinstance(model, Blip2Stage1):
         tokenizer, _ = _stage1_tokens(args.checkpoint, [""], 8)
-        ids = model.generate(
-            images,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            cfg=cfg,
-        )
-        captions = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        captions = model.caption(images, tokenizer, cfg)
     else:
         captions = model.generate(args.prompt, images=images, cfg=cfg)
     for path, caption in zip(args.images, captions, strict=True):

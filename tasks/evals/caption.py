@@ -345,14 +345,7 @@ def _captioner(model: nn.Module, cfg: EvalConfig) -> Callable[[Tensor], list[str
             logger.warning("a stage-1 model captions from [DEC] alone: prompt %r is not used", cfg.prompt)
 
         def caption(images: Tensor) -> list[str]:
-            ids = model.generate(
-                images,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.sep_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                cfg=gen,
-            )
-            return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            return model.caption(images, tokenizer, gen)
 
         return caption
     raise TypeError(f"captioning needs a Blip2Stage2 or Blip2Stage1 model, got {type(model).__name__}")
