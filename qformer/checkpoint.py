@@ -2,6 +2,13 @@
 
 The frozen LLM is never copied into a checkpoint: the config names its folder and loading rebuilds it from
 there. The frozen image encoder is copied only when the config names no weights file to rebuild it from.
+
+The paths a checkpoint's config names (`vision.weights`, `llm.path`) still resolve when things move. A path given
+relative (to the folder training ran in) is stored relative to the checkpoint folder; an absolute one stays absolute.
+Both forms of each are kept beside the config (`PATHS_KEY`: {field: {"relative": ..., "absolute": ...}}), and loading
+tries, in order: the path relative to the checkpoint folder (a run folder moved or copied whole, the weights inside
+it), the absolute path (a checkpoint moved away from weights that stayed put), the path as written (checkpoints
+written before, whose relative paths were relative to the folder training ran in).
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -24,6 +32,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 LLM_DIR = "llm"  # relative paths in a checkpoint's config resolve against the checkpoint folder
+PATHS_KEY = "paths"  # config.json: where each local path of the config was at save time (see the module docstring)
 
 
 def config_to_dict(cfg: Blip2Config) -> dict:
@@ -60,7 +69,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, tokenizer=None) -> 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stage = "stage1" if isinstance(model, Blip2Stage1) else "stage2"
-    cfg = model.cfg
+    cfg, paths = _portable_paths(model.cfg, folder)
     skip = ["llm."]
     if model.visual is not None and cfg.vision.frozen and cfg.vision.weights:
         skip.append("visual.")  # rebuilt from cfg.vision.weights
@@ -73,7 +82,8 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, tokenizer=None) -> 
     tmp = folder / (WEIGHTS_NAME + ".tmp")
     save_file(state, tmp, metadata={"format": "pt", "stage": stage})
     tmp.replace(folder / WEIGHTS_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps({"stage": stage, "config": config_to_dict(cfg)}, indent=2))
+    meta = {"stage": stage, "config": config_to_dict(cfg), PATHS_KEY: paths}
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder / TOKENIZER_DIR)
     logger.info("saved %s (%d tensors; left out: %s) to %s", stage, len(state), ", ".join(skip), folder)
@@ -97,10 +107,14 @@ def load_pretrained(folder: str | Path, **llm_overrides) -> nn.Module:
         stage, cfg = meta["stage"], config_from_dict(meta["config"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{config_path}: not a qformer checkpoint config ({e})") from e
+    paths = meta.get(PATHS_KEY) or {}
+    if not isinstance(paths, dict) or not all(isinstance(v, dict) for v in paths.values()):
+        raise CheckpointError(f"{config_path}: {PATHS_KEY} must map fields to their paths, got {paths!r}")
+    if "path" in llm_overrides:
+        paths = {k: v for k, v in paths.items() if k != "llm.path"}  # the stored path no longer applies
     if llm_overrides:
         cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **llm_overrides))
-    if cfg.llm.path and (folder / cfg.llm.path).is_dir() and not Path(cfg.llm.path).is_absolute():
-        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, path=str(folder / cfg.llm.path)))
+    cfg = _resolve_paths(cfg, folder, paths, config_path)
     state = read_state_dict(folder / WEIGHTS_NAME)
     if stage == "stage1":
         model = Blip2Stage1(cfg)
@@ -113,6 +127,59 @@ def load_pretrained(folder: str | Path, **llm_overrides) -> nn.Module:
     check_state_dict(model, state, source=str(folder / WEIGHTS_NAME), allowed_missing=may_lack)
     model.load_state_dict(state, strict=False)  # strictness checked above; frozen parts came from their files
     return model.eval()
+
+
+def _portable_paths(cfg: Blip2Config, folder: Path) -> tuple[Blip2Config, dict[str, dict[str, str]]]:
+    """`cfg` with its relative local paths rewritten relative to `folder` (absolute ones normalised), and both forms
+    of each by field. Paths that name nothing on disk (a hub name for the LLM) stay as written."""
+    home = os.path.abspath(folder)
+    stored, paths = {}, {}
+    for field, value in (("vision.weights", cfg.vision.weights), ("llm.path", cfg.llm.path)):
+        if not value or not Path(value).exists():
+            continue
+        absolute = os.path.abspath(value)  # abspath, not resolve: a symlinked cache keeps its own name
+        try:
+            relative = os.path.relpath(absolute, home)
+        except ValueError:  # another drive (Windows): only the absolute path can name it
+            relative = absolute
+        paths[field] = {"relative": relative, "absolute": absolute}
+        stored[field] = absolute if Path(value).is_absolute() else relative
+    return _with_paths(cfg, stored), paths
+
+
+def _resolve_paths(cfg: Blip2Config, folder: Path, paths: dict[str, dict], config_path: Path) -> Blip2Config:
+    """`cfg` with `vision.weights` and `llm.path` turned into paths that exist from here (see the module docstring).
+
+    A path that was local at save time and is found nowhere now is an error naming what was tried; any other path
+    (a hub name for the LLM) is left as written.
+    """
+    resolved = {}
+    for field, value in (("vision.weights", cfg.vision.weights), ("llm.path", cfg.llm.path)):
+        if not value:
+            continue
+        saved = paths.get(field, {})
+        relative = saved.get("relative") or (None if Path(value).is_absolute() else value)
+        tried = [folder / relative] if relative else []
+        tried += [Path(p) for p in (saved.get("absolute"), value) if p]
+        found = next((p for p in tried if p.exists()), None)
+        if found is not None:
+            resolved[field] = str(found)
+        elif saved:
+            looked = ", ".join(dict.fromkeys(str(p) for p in tried))
+            raise FileNotFoundError(
+                f"{config_path}: {field} {value!r} is not there any more (looked at {looked}); move it back, or "
+                f"edit {field} in {config_path}"
+            )
+    return _with_paths(cfg, resolved)
+
+
+def _with_paths(cfg: Blip2Config, paths: dict[str, str]) -> Blip2Config:
+    vision, llm = cfg.vision, cfg.llm
+    if "vision.weights" in paths:
+        vision = dataclasses.replace(vision, weights=paths["vision.weights"])
+    if "llm.path" in paths:
+        llm = dataclasses.replace(llm, path=paths["llm.path"])
+    return dataclasses.replace(cfg, vision=vision, llm=llm)
 
 
 def load_tokenizer_from(folder: str | Path):

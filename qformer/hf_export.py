@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qformer.config import ARCHS, CLIP_MEAN, CLIP_STD, QFormerConfig
+from qformer.config import ARCHS, CLIP_MEAN, CLIP_STD, ArchSpec, QFormerConfig
 from qformer.convert import convert_state_dict
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ IMAGE_TOKEN = "<image>"
 LLM_PREFIX = "language_model."
 STAGE2_CLASS = "Blip2ForConditionalGeneration"
 STAGE1_CLASS = "Blip2ForImageTextRetrieval"
+# vision_config key naming the qformer.config.ARCHS entry an encoder with shape overrides was built from.
+ARCH_KEY = "qformer_arch"
 # QFormerConfig field -> transformers' Blip2QFormerConfig field: one table for export and import.
 QFORMER_CONFIG_FIELDS = (
     ("vocab_size", "vocab_size"),
@@ -168,8 +170,11 @@ def _vision_spec(model):
             "this model was built without an image encoder (build_visual=False): a transformers BLIP-2 folder needs "
             "the encoder's weights; build the model with its encoder to export it"
         )
+    from qformer.vision import arch_spec
+
     arch = model.cfg.vision.arch
-    spec = ARCHS.get(arch)
+    # The shape the encoder was built with: the arch's own, with the config's shape overrides applied.
+    spec = arch_spec(model.cfg.vision)
     family = spec.family if spec else getattr(model.visual, "family", "generic")
     if spec is None or family != "eva":
         raise ExportError(
@@ -205,7 +210,16 @@ def _hf_vision_config(model, image_size: int | None, notes: list[str]) -> tuple[
         layer_norm_eps=spec.norm_eps,
         qkv_bias=True,
     )
+    if arch_shape(spec) != arch_shape(ARCHS[model.cfg.vision.arch]):
+        # A shape of the user's own (VisionConfig's *_override fields): transformers keeps this extra key, and our
+        # loader reads it to rebuild the encoder as that arch with the folder's shape.
+        config[ARCH_KEY] = model.cfg.vision.arch
     return config, size
+
+
+def arch_shape(spec: ArchSpec) -> tuple[int, int, int, int, int]:
+    """What vision_config holds of an encoder's shape: width, depth, heads, MLP width, patch size."""
+    return spec.width, spec.depth, spec.num_heads, spec.mlp_hidden, spec.patch_size
 
 
 def _hf_qformer_config(cfg: QFormerConfig, *, text: bool) -> dict:
@@ -309,12 +323,14 @@ def _processor(tokenizer, size: int, num_query_tokens: int | None):
 
 
 __all__ = [
+    "ARCH_KEY",
     "LLM_PREFIX",
     "QFORMER_CONFIG_FIELDS",
     "STAGE1_CLASS",
     "STAGE2_CLASS",
     "ExportError",
     "ExportResult",
+    "arch_shape",
     "export_stage1",
     "export_stage2",
 ]

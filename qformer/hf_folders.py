@@ -13,6 +13,10 @@ This module reads folders; the writing side lives in `qformer.hf_export` (its na
 What the two sides do differently, and how the folders handle it:
 - transformers' image encoder is EVA-style only (fused qkv with q/v biases, exact GELU, no pre-norm): a CLIP-family
   (ViT-L) or generic timm encoder cannot be exported, and `ExportError` says so.
+- an EVA-family encoder with shape overrides (VisionConfig's `*_override` fields) is exported with its own shape
+  (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size) and the arch it was built
+  from as `vision_config.qformer_arch` (transformers keeps the extra key), so loading the folder rebuilds that arch
+  with the same overrides. A folder without that key must match an ARCHS entry's shape exactly.
 - `ln_vision` is transformers' `vision_model.post_layernorm`, whose eps is `vision_config.layer_norm_eps`, the same
   field as the ViT's own LayerNorms. LAVIS's `ln_vision` uses 1e-5, EVA's LayerNorms 1e-6: an export keeps the ViT's
   eps (changing it would change every block) and warns that the folder's `ln_vision` runs at the ViT's eps; loading
@@ -51,12 +55,14 @@ from qformer.config import ARCHS, CLIP_MEAN, CLIP_STD, Blip2Config, LLMConfig, Q
 from qformer.convert import CheckpointError, check_state_dict
 from qformer.dtypes import dtype_name, to_dtype
 from qformer.hf_export import (
+    ARCH_KEY,
     LLM_PREFIX,
     QFORMER_CONFIG_FIELDS,
     STAGE1_CLASS,
     STAGE2_CLASS,
     ExportError,
     ExportResult,
+    arch_shape,
     export_stage1,
     export_stage2,
 )
@@ -136,23 +142,51 @@ def _stage_of(raw: dict, config, config_file: Path) -> int:
     return 1 if config.qformer_config.use_qformer_text_input else 2
 
 
-def _vision_arch(vc, config_file: Path) -> str:
-    """The entry of `qformer.config.ARCHS` with this vision_config's shape."""
+# ArchSpec field -> the VisionConfig field that overrides it (the shape vision_config holds).
+_OVERRIDES = (
+    ("width", "width_override"),
+    ("depth", "depth_override"),
+    ("num_heads", "heads_override"),
+    ("mlp_hidden", "mlp_override"),
+    ("patch_size", "patch_size_override"),
+)
+
+
+def _vision_arch(vc, config_file: Path) -> tuple[str, dict[str, int]]:
+    """The entry of `qformer.config.ARCHS` for this vision_config, and the VisionConfig shape overrides it needs.
+
+    A folder we exported from an encoder with shape overrides names its arch (`ARCH_KEY`); any other folder must
+    have the exact shape of an EVA-family entry.
+    """
     shape = (vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads, vc.intermediate_size, vc.patch_size)
-    for name, spec in ARCHS.items():
-        if spec.family == "eva" and (spec.width, spec.depth, spec.num_heads, spec.mlp_hidden, spec.patch_size) == shape:
-            if not math.isclose(spec.norm_eps, vc.layer_norm_eps, rel_tol=1e-9):
-                raise CheckpointError(
-                    f"{config_file}: vision_config.layer_norm_eps {vc.layer_norm_eps:g} differs from the "
-                    f"{name} encoder's LayerNorm eps {spec.norm_eps:g}"
-                )
-            return name
+    named = getattr(vc, ARCH_KEY, None)
+    if named is not None:
+        spec = ARCHS.get(named)
+        if spec is None or spec.family != "eva":
+            eva = [n for n, s in ARCHS.items() if s.family == "eva"]
+            raise CheckpointError(
+                f"{config_file}: vision_config.{ARCH_KEY} {named!r} is not an EVA-family encoder of "
+                f"qformer.config.ARCHS ({', '.join(eva)})"
+            )
+        candidates = {named: spec}
+    else:
+        candidates = {n: s for n, s in ARCHS.items() if s.family == "eva" and arch_shape(s) == shape}
+    for name, spec in candidates.items():
+        if not math.isclose(spec.norm_eps, vc.layer_norm_eps, rel_tol=1e-9):
+            raise CheckpointError(
+                f"{config_file}: vision_config.layer_norm_eps {vc.layer_norm_eps:g} differs from the "
+                f"{name} encoder's LayerNorm eps {spec.norm_eps:g}"
+            )
+        overrides = {
+            field: value for (attr, field), value in zip(_OVERRIDES, shape, strict=True) if getattr(spec, attr) != value
+        }
+        return name, overrides
     w, d, h, m, p = shape
     raise CheckpointError(
         f"{config_file}: no image encoder in qformer.config.ARCHS has this vision_config's shape (EVA-style, "
         f"width {w}, depth {d}, heads {h}, MLP {m}, patch {p}, LayerNorm eps {vc.layer_norm_eps:g}); add one: "
         f'ARCHS["<name>"] = ArchSpec("eva", {w}, {d}, {d}, {h}, {m}, {p}, {vc.layer_norm_eps:g}) in '
-        "qformer/config.py"
+        f"qformer/config.py, or name an EVA-family entry as vision_config.{ARCH_KEY} to build it with that shape"
     )
 
 
@@ -168,7 +202,8 @@ def _our_config(config, precision: str, config_file: Path) -> Blip2Config:
         if len(set(size)) != 1:
             raise CheckpointError(f"{config_file}: vision_config.image_size {size} is not square")
         size = size[0]
-    vision = VisionConfig(arch=_vision_arch(vc, config_file), image_size=int(size), precision=precision)
+    arch, overrides = _vision_arch(vc, config_file)
+    vision = VisionConfig(arch=arch, image_size=int(size), precision=precision, **overrides)
     fields = {ours: getattr(qc, theirs) for ours, theirs in QFORMER_CONFIG_FIELDS}
     fields.update(
         pad_token_id=qc.pad_token_id if qc.pad_token_id is not None else 0,

@@ -13,6 +13,7 @@ are `tasks/stage1.py`'s). Generation is transformers' `generate` on the LLM with
 from __future__ import annotations
 
 import logging
+import string
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,23 @@ VQA_PROMPT = "Question: {} Short answer:"
 # Zero-shot VQA decoding of the paper: 5 beams, at most 10 new tokens, at least 1, length penalty -1.
 VQA_GENERATION = GenerationConfig(max_new_tokens=10, min_new_tokens=1, num_beams=5, length_penalty=-1.0)
 CAPTION_GENERATION = GenerationConfig(max_new_tokens=30, min_new_tokens=8, num_beams=5)
+
+
+def check_vqa_prompt(prompt: str) -> str:
+    """`prompt` if it has exactly one `{}`, where the question goes, and no other `{...}` field (a literal brace is
+    `{{` or `}}`); else a ValueError saying what it has. Without the check `'hi'` would drop the question."""
+    try:
+        fields = [
+            "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            for _, name, spec, conv in string.Formatter().parse(prompt)
+            if name is not None
+        ]
+    except ValueError as e:  # an unmatched brace
+        raise ValueError(f"prompt {prompt!r}: {e} (write a literal brace as '{{{{' or '}}}}')") from e
+    if fields != ["{}"]:
+        has = ", ".join(fields) if fields else "none"
+        raise ValueError(f"prompt {prompt!r} needs exactly one '{{}}' (where the question goes), has: {has}")
+    return prompt
 
 
 def read_llm_config(path: str) -> PretrainedConfig:
@@ -251,8 +269,9 @@ class Blip2Stage2(nn.Module):
         prompt: str = VQA_PROMPT,
         cfg: GenerationConfig | None = None,
     ) -> list[str]:
-        """Zero-shot VQA: each question in `prompt`, answered by beam search (paper settings by default)."""
-        prompts = [prompt.format(q) for q in questions]
+        """Zero-shot VQA: each question in `prompt` (exactly one `{}`: `check_vqa_prompt`), answered by beam search
+        (paper settings by default)."""
+        prompts = [check_vqa_prompt(prompt).format(q) for q in questions]
         return self.generate(prompts, images=images, image_tokens=image_tokens, cfg=cfg or VQA_GENERATION)
 
 

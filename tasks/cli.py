@@ -9,6 +9,7 @@ qformer caption photo.jpg --checkpoint runs/opt
 qformer ask photo.jpg "what is the man holding?" --checkpoint runs/opt
 qformer features a.jpg b.jpg --checkpoint runs/ckpt --mode image --out feats.safetensors
 qformer train configs/stage1_vitg.yaml optim.lr=5e-5         (the same as python -m tasks.train ...)
+qformer train configs/stage1_vitg.yaml optim.lr=5e-5 --print-config      (every key of the resolved config; no run)
 qformer eval configs/eval/retrieval_coco.yaml checkpoint=runs/x/final   (python -m tasks.evaluate ...)
 qformer demo --fast
 """
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.command import execute
+from tasks.command import HelpFormatter, add_verbosity_arguments, execute
 
 if TYPE_CHECKING:
     import torch
@@ -35,10 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """`[B, 3, size, size]` eval-transformed images; a missing or undecodable file is an error naming it."""
+    """`[B, 3, size, size]` eval-transformed images; a missing, undecodable or too large (`ImageTooLarge`, PIL's
+    `Image.MAX_IMAGE_PIXELS`) file is an error naming it."""
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
+    from tasks.data.captions import load_image
     from tasks.data.transforms import eval_transform
 
     transform = eval_transform(size)
@@ -47,11 +50,21 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
         if not Path(path).is_file():
             raise FileNotFoundError(f"image not found: {path}")
         try:
-            with Image.open(path) as img:
-                out.append(transform(img.convert("RGB")))
+            image = load_image(path)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot decode image {path}: {e}") from e
+        out.append(transform(image))
     return torch.stack(out)
+
+
+def _preset(name: str):
+    """`Blip2Config.preset(name)`; an unknown name is bad input (a ValueError listing the known ones)."""
+    from qformer.config import Blip2Config
+
+    try:
+        return Blip2Config.preset(name)
+    except KeyError as e:
+        raise ValueError(f"--preset: {e.args[0]}") from e
 
 
 def _stage1_tokens(folder: str, texts: list[str], max_length: int):
@@ -79,6 +92,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
         model = load_pretrained(args.source)
     else:
+        _preset(args.preset)  # a typo fails before a large file is read
         model = _from_lavis(args, read_state_dict(args.source))
     tokenizer = None
     if args.bert:
@@ -100,10 +114,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _from_lavis(args: argparse.Namespace, state: dict):
-    from qformer.config import Blip2Config
-
     stage2 = any(k.startswith(("opt_proj.", "t5_proj.")) for k in state)
-    cfg = Blip2Config.preset(args.preset)
+    cfg = _preset(args.preset)
     vision = cfg.vision
     if args.vision_weights:
         vision = dataclasses.replace(vision, weights=args.vision_weights)
@@ -172,8 +184,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from qformer.checkpoint import load_pretrained
-    from qformer.stage2 import VQA_GENERATION, Blip2Stage2
+    from qformer.stage2 import VQA_GENERATION, Blip2Stage2, check_vqa_prompt
 
+    check_vqa_prompt(args.prompt)  # before the model loads
     model = load_pretrained(args.checkpoint)
     if not isinstance(model, Blip2Stage2):
         raise ValueError(f"{args.checkpoint} is a stage-1 model: questions need a stage-2 (LLM) checkpoint")
@@ -219,19 +232,149 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 class _CommandParser(argparse.ArgumentParser):
-    """A subcommand's parser that gets its arguments from `load(parser)` when it first parses, so that `qformer
-    --help` (or `qformer caption`) never imports the training, evaluation or demo modules."""
+    """A subcommand's parser that gets its arguments from `load(parser)` when it first parses or shows its help, so
+    that `qformer --help` (or `qformer caption`) never imports the training, evaluation or demo modules (nor torch)."""
 
     def __init__(self, *args, load: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._load = load
+        add_verbosity_arguments(self, subcommand=True)
 
-    def parse_known_args(self, args=None, namespace=None):
+    def load_arguments(self) -> argparse.ArgumentParser:
+        """Add the command's arguments now (once); returns the parser."""
         if self._load is not None:
             load, self._load = self._load, None
             load(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.load_arguments()
         return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.load_arguments()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self.load_arguments()
+        return super().format_usage()
+
+
+def _convert_arguments(c: argparse.ArgumentParser) -> None:
+    from qformer.config import QFORMER_PRESETS, Blip2Config
+    from qformer.dtypes import DTYPES
+
+    # Blip2Config.preset knows the Q-Former presets' names (the registry), each with its image encoder.
+    presets = ", ".join(f"{name} ({Blip2Config.preset(name).vision.arch} image encoder)" for name in QFORMER_PRESETS)
+    c.add_argument("source", help="a LAVIS .pth file, a transformers BLIP-2 folder, or one of our checkpoint folders")
+    c.add_argument("dest", help="the folder to write (one of ours, or a transformers folder with --to transformers)")
+    c.add_argument(
+        "--from",
+        dest="src_fmt",
+        choices=["lavis", "transformers", "ours"],
+        required=True,
+        help="the source's format: lavis (a blip2_*.pth file), transformers (a Salesforce/blip2-* style folder) or "
+        "ours (a folder written by qformer train / convert)",
+    )
+    c.add_argument(
+        "--to",
+        dest="dst_fmt",
+        choices=["ours", "transformers"],
+        default="ours",
+        help="the output's format: ours (config.json + model.safetensors) or transformers (a folder "
+        "Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval loads, with its processor)",
+    )
+    c.add_argument(
+        "--preset",
+        default="paper",
+        choices=list(QFORMER_PRESETS),
+        metavar="PRESET",
+        help=f"model shape of a LAVIS file (Blip2Config.preset): {presets}; the tiny ones are test twins",
+    )
+    c.add_argument(
+        "--llm",
+        help="the language model's folder, for a LAVIS stage-2 file (which holds no LLM weights); default: none "
+        "(a stage-1 file needs none)",
+    )
+    c.add_argument(
+        "--llm-dtype",
+        choices=list(DTYPES),
+        help="frozen LLM precision; default as LAVIS: bf16 for T5 (encoder-decoder), fp16 for OPT",
+    )
+    c.add_argument(
+        "--vision-weights",
+        help="frozen ViT weights for a LAVIS file that holds none (e.g. eva_vit_g.pth); default: none, the image "
+        "encoder comes from the file itself",
+    )
+    c.add_argument(
+        "--image-size", type=int, help="image size in pixels, e.g. 364 for fine-tuned files; default: the preset's"
+    )
+    c.add_argument(
+        "--bert",
+        help="a BERT folder whose tokenizer (+[DEC]) is saved with a stage-1 checkpoint, so that caption and "
+        "features can read text; default: none (no tokenizer saved)",
+    )
+    c.set_defaults(func=cmd_convert)
+
+
+def _decoding_arguments(p: argparse.ArgumentParser, preset) -> None:
+    """--checkpoint and the decoding options; `preset` (a GenerationConfig) holds the command's defaults."""
+    p.add_argument(
+        "--checkpoint", required=True, help="one of our checkpoint folders (qformer train's final/ or convert's output)"
+    )
+    p.add_argument(
+        "--beams", type=int, metavar="N", help=f"beams of the beam search, 1 = greedy (default: {preset.num_beams})"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"the most tokens to generate (default: {preset.max_new_tokens})",
+    )
+    p.add_argument(
+        "--min-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"the fewest tokens to generate before the end token may come (default: {preset.min_new_tokens}, or "
+        "--max-new-tokens when that is smaller)",
+    )
+
+
+def _caption_arguments(p: argparse.ArgumentParser) -> None:
+    from qformer.stage2 import CAPTION_GENERATION
+
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--prompt", default="", help="text the caption continues (stage 2 only), e.g. 'a photo of'")
+    _decoding_arguments(p, CAPTION_GENERATION)
+    p.set_defaults(func=cmd_caption)
+
+
+def _ask_arguments(a: argparse.ArgumentParser) -> None:
+    from qformer.stage2 import VQA_GENERATION
+
+    a.add_argument("image", help="an image file")
+    a.add_argument("question", help="the question, e.g. 'what is the man holding?'")
+    a.add_argument(
+        "--prompt", default="Question: {} Short answer:", help="the template: exactly one {}, where the question goes"
+    )
+    _decoding_arguments(a, VQA_GENERATION)
+    a.set_defaults(func=cmd_ask)
+
+
+def _features_arguments(f: argparse.ArgumentParser) -> None:
+    f.add_argument("images", nargs="*", help="image files (none for --mode text)")
+    f.add_argument("--text", action="append", help="a text (repeat for several); default: none")
+    f.add_argument(
+        "--mode",
+        choices=["image", "text", "multimodal"],
+        default="image",
+        help="image: the query outputs and their ITC projections; text: the text encoder's outputs and the projected "
+        "[CLS] feature; multimodal: the query outputs of the ITM pass (queries attending to image and text)",
+    )
+    f.add_argument("--checkpoint", required=True, help="a stage-1 checkpoint folder of ours")
+    f.add_argument("--out", required=True, help="a .safetensors (every feature) or .npy (the projected one) file")
+    f.set_defaults(func=cmd_features)
 
 
 def _mount(parser: argparse.ArgumentParser, module) -> None:
@@ -260,56 +403,22 @@ def _demo_command(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qformer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (train and eval always do)")
+    parser = argparse.ArgumentParser(prog="qformer", description=__doc__, formatter_class=HelpFormatter)
+    add_verbosity_arguments(parser)  # and on every subcommand (_CommandParser): before or after the command name
     parser.set_defaults(log_level=logging.WARNING)  # a command module's parser may set its own
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
-
-    c = sub.add_parser("convert", help="convert a LAVIS / transformers / qformer checkpoint")
-    c.add_argument("source", help="a LAVIS .pth file, a transformers folder, or one of our checkpoint folders")
-    c.add_argument("dest", help="output folder")
-    c.add_argument("--from", dest="src_fmt", choices=["lavis", "transformers", "ours"], required=True)
-    c.add_argument("--to", dest="dst_fmt", choices=["ours", "transformers"], default="ours")
-    c.add_argument("--preset", default="paper", help="model shape of a LAVIS file: paper (ViT-g) or paper_vitl")
-    c.add_argument("--llm", help="the language model's folder (LAVIS stage-2 files)")
-    c.add_argument(
-        "--llm-dtype",
-        choices=["fp32", "fp16", "bf16"],
-        help="frozen LLM precision; default as LAVIS: bf16 for T5 (encoder-decoder), fp16 for OPT",
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_CommandParser,
+        metavar="COMMAND",
+        help="one of the commands below; qformer COMMAND --help shows its arguments",
     )
-    c.add_argument("--vision-weights", help="frozen ViT weights when the file has none (eva_vit_g.pth)")
-    c.add_argument("--image-size", type=int, help="image size (e.g. 364 for fine-tuned files)")
-    c.add_argument("--bert", help="BERT folder: its tokenizer (+[DEC]) is saved with a stage-1 checkpoint")
-    c.set_defaults(func=cmd_convert)
 
-    def decoding(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", required=True, help="one of our checkpoint folders")
-        p.add_argument("--beams", type=int)
-        p.add_argument("--max-new-tokens", type=int)
-        p.add_argument("--min-new-tokens", type=int)
-
-    p = sub.add_parser("caption", help="caption image files")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--prompt", default="", help="text the caption continues (stage 2), e.g. 'a photo of'")
-    decoding(p)
-    p.set_defaults(func=cmd_caption)
-
-    a = sub.add_parser("ask", help="answer a question about an image (zero-shot VQA)")
-    a.add_argument("image")
-    a.add_argument("question")
-    a.add_argument("--prompt", default="Question: {} Short answer:", help="template; {} is the question")
-    decoding(a)
-    a.set_defaults(func=cmd_ask)
-
-    f = sub.add_parser("features", help="extract image / text / multimodal features to a file")
-    f.add_argument("images", nargs="*")
-    f.add_argument("--text", action="append", help="a text (repeat for several)")
-    f.add_argument("--mode", choices=["image", "text", "multimodal"], default="image")
-    f.add_argument("--checkpoint", required=True)
-    f.add_argument("--out", required=True, help="a .safetensors (every feature) or .npy (the projected one) file")
-    f.set_defaults(func=cmd_features)
+    # Every command's arguments are added when it is chosen (_CommandParser), so `qformer --help` imports no torch.
+    sub.add_parser("convert", help="convert a LAVIS / transformers / qformer checkpoint", load=_convert_arguments)
+    sub.add_parser("caption", help="caption image files", load=_caption_arguments)
+    sub.add_parser("ask", help="answer a question about an image (zero-shot VQA)", load=_ask_arguments)
+    sub.add_parser("features", help="extract image / text / multimodal features to a file", load=_features_arguments)
 
     # The commands with their own module: arguments declared there (`add_arguments`), loaded when chosen.
     sub.add_parser(
@@ -328,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return execute(args.command, args.func, args, level=logging.INFO if args.verbose else None)
+    return execute(args.command, args.func, args)
 
 
 if __name__ == "__main__":

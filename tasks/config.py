@@ -10,7 +10,8 @@ A run YAML names a model preset and overrides any of its fields:
     data: {datasets: [{ann_paths: [/data/coco/train.json], image_root: /data/coco}], batch_size: 100}
     optim: {lr: 1e-4, total_steps: 250000}
 
-An unknown key or a value of the wrong type is an error that names it, before any work starts.
+An unknown key or a value of the wrong type is an error that names it, before any work starts; so is a config path
+that is missing or a folder, or a file that is not valid YAML (`read_yaml`, the one YAML reader of the configs).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qformer.config import Blip2Config
+from tasks.data.captions import DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -42,6 +45,8 @@ class DataConfig:
     max_skip_fraction: float = 0.05  # stop with an error once more bad images than this have been skipped
     min_samples_before_check: int = 1000
     max_words: int = 50
+    # Images of more pixels are refused as possible decompression bombs (skipped and counted); 0 = no limit.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -81,6 +86,9 @@ class TrainConfig:
     save_every: int = 5000  # steps between checkpoints (and one at the end)
     keep_last: int = 3
     log_every: int = 50
+    # Stop with an error after this many consecutive steps whose loss is not finite (each is skipped, and no
+    # checkpoint is written on one, so the newest checkpoint predates the divergence); 0 = never stop.
+    max_nonfinite_steps: int = 10
     resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | a checkpoint folder
     vit_grad_checkpointing: bool = False
     use_image_ids: bool = False  # ITC/ITM treat every pair of the same image as positive (retrieval fine-tuning)
@@ -93,23 +101,44 @@ class TrainConfig:
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.optim.grad_accum < 1 or self.optim.total_steps < 1:
             raise ValueError("optim.grad_accum and optim.total_steps must be >= 1")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be >= 0 (0 = never stop), got {self.max_nonfinite_steps}")
 
 
 class ConfigError(ValueError):
     pass
 
 
+def read_yaml(path: str | Path) -> DictConfig:
+    """The mapping in a YAML config file; a missing path, a folder, invalid YAML (with its line and column) or a
+    top level that is not a mapping is a ConfigError naming the file."""
+    if not Path(path).exists():
+        raise ConfigError(f"config file not found: {path}")
+    if Path(path).is_dir():
+        hint = f" (did you mean {Path(path) / 'config.yaml'}?)" if (Path(path) / "config.yaml").is_file() else ""
+        raise ConfigError(f"{path} is a folder, not a YAML config file{hint}")
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML: {e.problem or e.context}{where}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got a {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """A validated TrainConfig from a YAML file plus `key=value` overrides (the YAML may be None)."""
+    raw = read_yaml(path) if path else OmegaConf.create({})
     try:
-        raw = OmegaConf.load(path) if path else OmegaConf.create({})
         cli = OmegaConf.from_dotlist(list(overrides))
         preset = cli.get("model_preset", raw.get("model_preset", "paper"))
         schema = OmegaConf.structured(TrainConfig(model=Blip2Config.preset(preset), model_preset=preset))
         merged = OmegaConf.merge(schema, raw, cli)
         return OmegaConf.to_object(merged)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {path}") from e
     except OmegaConfBaseException as e:
         # OmegaConf names the key (full path) and the offending value/type; keep that, drop its traceback.
         raise ConfigError(f"{path or 'config'}: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})") from e

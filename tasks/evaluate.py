@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from tasks import command
 from tasks.command import add_config_arguments, config_and_overrides
+from tasks.config import to_yaml
 from tasks.dist import setup_distributed
 from tasks.evals.config import EvalConfig, load_eval_config
 
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_eval_config(*config_and_overrides(args))  # a ConfigError (ValueError) stops here, before any work
+    if getattr(args, "print_config", False):
+        print(to_yaml(cfg), end="")
+        return 0
     torch.manual_seed(0)
     metrics = evaluate(cfg)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1))

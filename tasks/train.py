@@ -7,7 +7,9 @@ modules; the frozen ViT and LLM stay outside it. The step never asks which stage
 run; the optimizer groups and lr schedule are `tasks/optim.py`'s.
 
 Outputs in `output_dir`: `log.jsonl` (one line per `log_every` steps), `tb/` (TensorBoard), `checkpoints/ckpt-*`,
-`final/` (a checkpoint folder for evaluation, conversion, or stage 2's `init_from`), `config.yaml`.
+`final/` (a checkpoint folder for evaluation, conversion, or stage 2's `init_from`), `config.yaml`, and `run.lock`
+while the run lasts (one run per folder; `log.jsonl` and the lock are `tasks/run_folder.py`'s). After
+`max_nonfinite_steps` consecutive non-finite steps the run stops with `TrainingDiverged`, without `final/`.
 
 Test-only hooks, set through the environment so that they never appear in a run's config:
 `QFORMER_TEST_CRASH_AT_STEP=N` SIGKILLs the process after step N (resume tests); `QFORMER_TEST_LOG_SAMPLE_IDS=1`
@@ -38,12 +40,17 @@ from tasks.command import add_config_arguments, config_and_overrides
 from tasks.config import TrainConfig, load_config, to_yaml
 from tasks.dist import setup_distributed
 from tasks.optim import build_optimizer, set_lr
+from tasks.run_folder import json_line, lock_run_folder, start_log, truncate_log
 from tasks.train_data import build_loader
 
 logger = logging.getLogger(__name__)
 
 CRASH_AT_STEP_ENV = "QFORMER_TEST_CRASH_AT_STEP"
 LOG_SAMPLE_IDS_ENV = "QFORMER_TEST_LOG_SAMPLE_IDS"
+
+
+class TrainingDiverged(command.RunFailed):
+    """`max_nonfinite_steps` consecutive steps had a non-finite loss: the run stops (one line, exit code 1)."""
 
 
 # -- set-up ---------------------------------------------------------------------------------------------------------
@@ -143,11 +150,21 @@ class TrainStep(nn.Module):
 
 
 def train(cfg: TrainConfig) -> Path:
+    """Run training as `cfg` says; returns the `final/` folder. One run per `output_dir`: its lock is held
+    throughout (rank 0) and released however the run ends."""
     device = setup_distributed()
-    rank, world = get_rank(), get_world_size()
     out = Path(cfg.output_dir)
+    lock = lock_run_folder(out)
+    try:
+        return _train(cfg, device, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
+    rank, world = get_rank(), get_world_size()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -172,26 +189,27 @@ def train(cfg: TrainConfig) -> Path:
     crash_at_step = int(os.environ.get(CRASH_AT_STEP_ENV, "0"))
     log_sample_ids = os.environ.get(LOG_SAMPLE_IDS_ENV, "") == "1"
 
-    start = 0
+    start, counters = 0, {}
     ckpt = find_resume(out, cfg.resume, world)
     if ckpt is not None:
-        start = resume_from(
+        start, counters = resume_from(
             ckpt, model=model, optimizer=optimizer, scaler=scaler, loader=loader, objective=objective, device=device
         )
-        if rank == 0:
-            _truncate_log(out / "log.jsonl", start)
         if log_sample_ids:
-            _truncate_log(out / f"samples_rank{rank}.jsonl", start)
+            truncate_log(out / f"samples_rank{rank}.jsonl", start)
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # ranks draw different negatives and dropout masks
 
+    if rank == 0:  # a resumed run keeps the lines up to `start`; a fresh one starts a fresh log
+        start_log(out / "log.jsonl", resumed_at=start if ckpt is not None else None)
     writer = _tensorboard(out, cfg) if rank == 0 else None
     bar = _progress(start, cfg) if rank == 0 else None
     log_file = (out / "log.jsonl").open("a") if rank == 0 else None
     ids_file = (out / f"samples_rank{rank}.jsonl").open("a") if log_sample_ids else None
     try:
         batches = iter(loader)
-        window_t, window_n, non_finite = time.perf_counter(), 0, 0
+        window_t, window_n, non_finite = time.perf_counter(), 0, counters.get("non_finite_steps", 0)
+        streak = 0  # consecutive non-finite steps, for the divergence policy
         model.train()
         for step in range(start + 1, cfg.optim.total_steps + 1):
             lr = set_lr(optimizer, step, cfg)
@@ -225,7 +243,9 @@ def train(cfg: TrainConfig) -> Path:
                     scaler.update()
                 else:
                     optimizer.step()
+                streak = 0
             else:
+                streak += 1
                 non_finite += 1
                 logger.warning("step %d: non-finite loss %s, update skipped (%d so far)", step, totals, non_finite)
             optimizer.zero_grad(set_to_none=True)
@@ -234,7 +254,7 @@ def train(cfg: TrainConfig) -> Path:
                 now = time.perf_counter()
                 record = {"step": step, "lr": lr, **totals, "samples_per_s": window_n / max(now - window_t, 1e-9)}
                 record.update({"skipped_samples": loader.skipped, "non_finite_steps": non_finite})
-                log_file.write(json.dumps(record) + "\n")
+                log_file.write(json_line(record))
                 log_file.flush()
                 if writer:
                     for k, v in record.items():
@@ -244,9 +264,18 @@ def train(cfg: TrainConfig) -> Path:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{totals['loss']:.3f}", lr=f"{lr:.2e}")
-            if step % cfg.save_every == 0 or step == cfg.optim.total_steps:
+            if streak and cfg.max_nonfinite_steps and streak >= cfg.max_nonfinite_steps:
+                raise TrainingDiverged(_diverged(out, step, streak, totals["loss"], cfg))
+            # No checkpoint of non-finite weights, nor on a non-finite step (but at the end): with keep_last they
+            # would push the good ones out.
+            save = (step % cfg.save_every == 0 and not streak) or step == cfg.optim.total_steps
+            if save and not _finite_weights(model, device):
+                logger.warning("step %d: the trainable weights are not finite; no checkpoint written", step)
+            elif save:
                 rank_state = {"data": loader.state_dict(), "objective": objective.state_dict()}
-                save_checkpoint(out, step, model, optimizer, scaler, cfg, rank_state)
+                save_checkpoint(
+                    out, step, model, optimizer, scaler, cfg, rank_state, counters={"non_finite_steps": non_finite}
+                )
             if crash_at_step and step == crash_at_step:
                 for f in (log_file, ids_file):
                     if f:
@@ -275,12 +304,24 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step (written after the checkpoint, before the crash)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+def _finite_weights(model: nn.Module, device: torch.device) -> bool:
+    """Whether every trainable weight is finite, on every rank (so that all ranks agree on saving)."""
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    flag = torch.tensor(float(finite), device=device)
+    if get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1.0
+
+
+def _diverged(out: Path, step: int, streak: int, loss: float, cfg: TrainConfig) -> str:
+    """The one line a diverged run ends with: where, and what is left to resume from."""
+    kept = sorted(p.name for p in (out / "checkpoints").glob("ckpt-*") if not p.name.endswith(".tmp"))
+    left = f"the newest checkpoint is {out / 'checkpoints' / kept[-1]}" if kept else "no checkpoint was written"
+    return (
+        f"training diverged: the loss was not finite ({loss}) for {streak} consecutive steps "
+        f"(steps {step - streak + 1}-{step}, max_nonfinite_steps={cfg.max_nonfinite_steps}); {left}. "
+        "Lower optim.lr (or raise optim.warmup_steps, set optim.clip_grad), or set max_nonfinite_steps=0 to go on"
+    )
 
 
 class _null:
@@ -315,6 +356,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(*config_and_overrides(args))  # an unknown key or a bad value stops here, before any work
+    if getattr(args, "print_config", False):
+        print(to_yaml(cfg), end="")
+        return 0
     train(cfg)
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from tasks.data import (
     collate,
     train_transform,
 )
+from tasks.data.captions import require_usable, set_max_image_pixels
+from tasks.data.webdata import seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +48,8 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % 2**62
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(state)
+        with seeded_rng((self.seed * 1_000_003 + self.epoch * 7_919 + index) % 2**62):
+            return self.dataset[index]
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict() if hasattr(self.dataset, "state_dict") else {}
@@ -79,6 +73,7 @@ class TrainLoader:
             raise ValueError("mix either caption JSON datasets or webdataset shards, not both")
         self.streaming = kinds == {"shards"}
         self.skips = SkipCounter(max_skip_fraction=data.max_skip_fraction, min_samples=data.min_samples_before_check)
+        set_max_image_pixels(data.max_image_pixels)  # before any worker starts: they inherit it
         if self.streaming:
             streams = [
                 (WebCaptionDataset(d.shards, transform, seed=seed, rank=rank, world_size=world), d.ratio)
@@ -124,18 +119,29 @@ class TrainLoader:
             generator=generator,
         )
 
+    def _epoch_used_up(self) -> bool:
+        """A resumed position that leaves no full batch: the checkpoint was taken on the epoch's last batch, and the
+        uninterrupted run's next batch is the next epoch's first."""
+        if self.sampler is None or self.sampler.position == 0:
+            return False
+        return self.sampler.num_samples - self.sampler.position < self.cfg.data.batch_size
+
     def __iter__(self) -> Iterator[dict]:
-        trackers = [self.skips, self.sampler or self.dataset]
+        # Not `self.sampler or ...`: a sampler resumed at the end of its epoch has len 0, which is falsy.
+        trackers = [self.skips, self.sampler if self.sampler is not None else self.dataset]
         while True:
             self.dataset.set_epoch(self.epoch)
             if self.sampler is not None:
                 self.sampler.set_epoch(self.epoch)
+                if self._epoch_used_up():
+                    self.epoch += 1
+                    continue
             got = False
             for batch in self._loader():
                 for tracker in trackers:
                     tracker.update(batch)
                 got = True
-                yield batch
+                yield require_usable(batch)  # a batch of nothing but bad samples is an error naming them
             if not got and not self.streaming:
                 raise ValueError(f"rank {self.rank} got no full batch of {self.cfg.data.batch_size} in an epoch")
             self.epoch += 1

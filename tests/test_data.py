@@ -30,7 +30,14 @@ from tasks.data import (
     track,
     train_transform,
 )
-from tests.data_helpers import write_caption_dataset, write_shards
+from tasks.data.captions import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    load_image,
+    require_usable,
+    set_max_image_pixels,
+)
+from tests.data_helpers import jpeg_bytes, write_caption_dataset, write_shards
 
 # ----------------------------------------------------------------------------------------------- transforms
 
@@ -200,6 +207,79 @@ def test_skip_threshold_fires_and_names_the_threshold(tmp_path):
     assert restored.num_skipped == 5 and restored.skipped_paths == lenient.skipped_paths
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_blank_captions_are_skipped_and_counted_like_bad_images(tmp_path, num_workers):
+    files, image_root, paths, _ = write_caption_dataset(tmp_path, n_images=8, bad=(), missing=())
+    entries = json.loads(files[0].read_text())  # images 0-3
+    entries[1]["caption"] = "   "
+    entries[2]["caption"] = "..."  # nothing left once cleaned
+    entries[0]["caption"] = ["", "A photo: number 0!"]  # a list keeps its worded captions
+    files[0].write_text(json.dumps(entries))
+    ds = CaptionDataset(files, image_root, eval_transform(16), on_error="drop")
+    blank = sorted(ds.blank.values())
+    assert blank == [f"{files[0]}[0]", f"{files[0]}[1]", f"{files[0]}[2]"]
+    counter = SkipCounter(max_skip_fraction=None)
+    loader = DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=collate)
+    texts = [t for batch in track(loader, counter) for t in batch["text_input"]]
+    assert counter.num_skipped == 3 and counter.num_seen == len(ds)
+    assert sorted(counter.skipped_paths) == blank
+    assert "" not in texts and "a photo number 0" in texts and len(texts) == len(ds) - 3
+    whole = CaptionDataset(files, image_root, eval_transform(16), split_captions=False)
+    assert sorted(whole.blank.values()) == [f"{files[0]}[1]", f"{files[0]}[2]"]
+    assert whole.samples[0][1] == "A photo: number 0!"  # the blank one of the list is left out
+    item = whole[1]  # replaced by a substitute, the entry named
+    assert item["skipped"] == [(f"{files[0]}[1]", "ValueError: empty or blank caption")]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image": 7}, r"\[2\]: 'image' must be a path \(a non-empty string\), got 7"),
+        ({"image": ""}, r"\[2\]: 'image' must be a path"),
+        ({"caption": 5}, r"\[2\]: 'caption' must be a string or a non-empty list of strings, got 5"),
+        ({"caption": ["a", None]}, r"\[2\]: 'caption' must be"),
+        ({"caption": []}, r"\[2\]: 'caption' must be"),
+        ({"image_id": [1]}, r"\[2\]: 'image_id' must be a string or an integer"),
+    ],
+)
+def test_annotation_types_are_checked_when_read_naming_file_and_entry(tmp_path, change, message):
+    files, image_root, _, _ = write_caption_dataset(tmp_path, n_images=4, bad=(), missing=())
+    entries = json.loads(files[1].read_text())
+    entries[2].update(change)
+    files[1].write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match="ann_b.json" + message):
+        CaptionDataset(files, image_root, eval_transform(16))
+
+
+def test_invalid_json_and_decompression_bombs_name_the_file(tmp_path):
+    files, image_root, paths, _ = write_caption_dataset(tmp_path, n_images=4, bad=(), missing=())
+    text = files[0].read_text()
+    files[0].write_text(text.replace("}", "}}", 1))  # an extra brace after the first entry
+    column = text.index("}") + 2
+    with pytest.raises(ValueError, match=rf"ann_a.json is not valid JSON: .*: line 1 column {column} "):
+        CaptionDataset(files, image_root, eval_transform(16))
+    files[0].write_text(text)
+    ds = CaptionDataset(files, image_root, eval_transform(16), on_error="drop")
+    try:
+        set_max_image_pixels(48 * 40 - 1)  # the test images are 48 x 40
+        with pytest.raises(ImageTooLarge, match=f"{paths[1]}: 1,920 pixels, above the limit of 1,919"):
+            load_image(paths[1])
+        item = ds[0]
+        assert isinstance(item, BadSample) and "ImageTooLarge" in item.reason and "1,920 pixels" in item.reason
+        set_max_image_pixels(48 * 40)
+        assert load_image(paths[1]).size == (48, 40)
+    finally:
+        set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_a_batch_with_no_usable_sample_is_an_error_naming_it():
+    good = {"image": torch.zeros(3, 4, 4), "text_input": "a", "image_id": 7}
+    assert require_usable(collate([good, BadSample("/x.jpg", "bad")]))["text_input"] == ["a"]
+    with pytest.raises(TooManyBadSamples, match=r"a batch of 2 sample\(s\) has none usable.*/y.jpg \(missing\)"):
+        require_usable(collate([BadSample("/y.jpg", "missing"), None]))
+
+
 def test_collate_drops_none_and_bad_samples():
     good = {"image": torch.zeros(3, 4, 4), "text_input": "a", "image_id": 7}
     batch = collate([good, None, BadSample("/x.jpg", "OSError: truncated"), good])
@@ -246,6 +326,20 @@ def test_webdataset_splits_disjointly_over_ranks_and_workers(shards):
     assert set().union(*readers) == set(captions) - {BAD_JPEG, NO_IMAGE}
     assert counter.num_skipped == 2 and counter.num_seen == len(captions)
     assert sorted(p.split("#")[1] for p in counter.skipped_paths) == sorted([BAD_JPEG, NO_IMAGE])
+
+
+def test_webdataset_blank_captions_are_skipped_and_counted(tmp_path):
+    import webdataset as wds
+
+    url = str(tmp_path / "blank.tar")
+    with wds.TarWriter(url) as sink:
+        for i, caption in enumerate(["a red cat", "  ", "...", "two dogs"]):
+            sink.write({"__key__": f"k{i}", "jpg": jpeg_bytes(i, size=(16, 16)), "txt": caption})
+    ds = WebCaptionDataset([url], eval_transform(8), rank=0, world_size=1, repeat=False)
+    counter = SkipCounter(max_skip_fraction=None)
+    texts = [t for b in _run(ds, num_workers=0, batch_size=4, trackers=(counter,)) for t in b["text_input"]]
+    assert sorted(texts) == ["a red cat", "two dogs"]
+    assert sorted(counter.skipped_paths) == [f"{url}#k1", f"{url}#k2"] and counter.num_seen == 4
 
 
 def test_webdataset_is_deterministic_per_epoch(shards):

@@ -285,6 +285,34 @@ def test_vqa_questions_without_annotation_are_an_error(model, assets, tmp_path):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_vqa_annotations_without_10_answers_warn_or_refuse(model, assets, vqa_annotations, tmp_path, caplog):
+    data = json.loads(vqa_annotations.read_text())
+    data["annotations"][1]["answers"] = data["annotations"][1]["answers"][:3]  # question 102: 3 answers, not 10
+    data["annotations"][4]["answers"] = data["annotations"][4]["answers"][:3]
+    data["annotations"][5]["answers"] = data["annotations"][5]["answers"][:11] * 2  # 406: 20
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(data))
+    cfg = vqa_config(assets, tmp_path / "vqa", annotations=str(path), limit=3)
+    with caplog.at_level("WARNING"):
+        metrics = evaluate_vqa(model, cfg, "cpu")
+    counts = "3 of 7 annotations have other than 10 answers (2 with 3, 1 with 20; e.g. question_id 102, 505, 406)"
+    assert counts in caplog.text
+    assert metrics["annotations_without_10_answers"] == 1  # of the 3 questions evaluated, only 102
+    assert metrics["num_questions"] == 3 and "overall" in metrics
+    strict = dataclasses.replace(cfg, strict_annotations=True, output_dir=str(tmp_path / "strict"))
+    with pytest.raises(ValueError, match=r"odd.json: 3 of 7 annotations .*refused \(strict_annotations=true\)"):
+        evaluate_vqa(model, strict, "cpu")
+    assert not (tmp_path / "strict").exists()
+
+
+@pytest.mark.parametrize("prompt", ["Question: Short answer:", "Question: {q} Short answer:", "{} or {}?"])
+def test_vqa_prompt_needs_exactly_one_placeholder(model, assets, prompt, tmp_path):
+    with pytest.raises(ValueError, match="needs exactly one '{}'"):
+        evaluate_vqa(model, vqa_config(assets, tmp_path / "out", prompt=prompt), "cpu")
+    with pytest.raises(ValueError, match="needs exactly one '{}'"):
+        model.predict_answers(["what?"], images=torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE), prompt=prompt)
+
+
 def test_gqa_end_to_end(model, assets, gqa_own, tmp_path):
     questions = gqa_files(assets, gqa_own, "gqa_testdev.json")
     cfg = EvalConfig(

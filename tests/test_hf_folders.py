@@ -386,6 +386,41 @@ def test_export_at_another_image_size_resamples_the_position_embedding(tmp_path)
         assert_close(back.soft_prompt(pixels), theirs.get_image_features(pixels).pooler_output, atol=1e-5, rtol=0)
 
 
+def test_export_honours_vit_shape_overrides(tmp_path):
+    """A ViT of the user's own shape (every VisionConfig *_override set, patch 8 at 32 px) goes out with that shape,
+    and comes back, through transformers' class and through ours, with the same outputs."""
+    overrides = dict(width_override=32, depth_override=3, heads_override=2, mlp_override=64, patch_size_override=8)
+    vision = VisionConfig(arch="tiny", image_size=32, precision="fp32", **overrides)
+    tiny = _tiny_stage1().cfg
+    cfg = dataclasses.replace(tiny, vision=vision, qformer=tiny.qformer.replace(encoder_width=32))
+    torch.manual_seed(3)
+    ours = randomized(Blip2Stage1(cfg), std=0.3)
+    export_stage1(ours, tmp_path / "itm")
+    vision_config = json.loads((tmp_path / "itm" / "config.json").read_text())["vision_config"]
+    shape = {k: vision_config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")}
+    assert shape == {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2}
+    assert (vision_config["intermediate_size"], vision_config["patch_size"], vision_config["image_size"]) == (64, 8, 32)
+    theirs = _load_hf(Blip2ForImageTextRetrieval, tmp_path / "itm")
+    back = load_transformers_folder(tmp_path / "itm")
+    assert back.cfg.vision == ours.cfg.vision and back.cfg.qformer == ours.cfg.qformer
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(5, cfg.qformer.vocab_size, (3, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    sim, itm = _itc_itm(ours, pixels, ids, mask)
+    with torch.no_grad():  # 16 patches + the class token, 32 wide
+        assert theirs.vision_model(pixels).last_hidden_state.shape == (3, 17, 32)
+    for model in (theirs, back):
+        other_sim, other_itm = (_hf_itc_itm if model is theirs else _itc_itm)(model, pixels, ids, mask)
+        assert_close(other_sim, sim, atol=1e-5, rtol=0)
+        assert_close(other_itm, itm, atol=1e-5, rtol=0)
+    assert sim.std() > 1e-3 and itm.std() > 1e-3
+    config = json.loads((tmp_path / "itm" / "config.json").read_text())
+    config["vision_config"]["qformer_arch"] = "tiny_vitl"  # the arch the overrides apply to must be EVA-style
+    (tmp_path / "itm" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="qformer_arch 'tiny_vitl' is not an EVA-family encoder"):
+        load_transformers_folder(tmp_path / "itm")
+
+
 def test_clip_family_encoder_cannot_be_exported(tmp_path):
     cfg = Blip2Config.preset("tiny_vitl")
     with pytest.raises(ExportError, match="tiny_vitl.*clip family.*Blip2VisionModel"):

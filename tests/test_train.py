@@ -75,23 +75,52 @@ def test_stage1_then_stage2_from_its_checkpoint(assets, tmp_path):
     )
 
 
-def test_webdataset_shards_train(assets, tmp_path):
+def write_shards(ann: Path, shards: Path) -> str:
+    """The caption dataset `ann` as two webdataset shards; returns their brace spec."""
     import webdataset as wds
 
-    anns = json.loads(assets["ann"].read_text())
-    shards = tmp_path / "shards"
+    anns = json.loads(ann.read_text())
     shards.mkdir()
     for s in range(2):
         with wds.TarWriter(str(shards / f"{s:05d}.tar")) as sink:
-            for i, ann in enumerate(anns[s::2]):
-                jpg = (assets["ann"].parent / ann["image"]).read_bytes()
-                sink.write({"__key__": f"{s}_{i:04d}", "jpg": jpg, "txt": ann["caption"]})
+            for i, item in enumerate(anns[s::2]):
+                jpg = (ann.parent / item["image"]).read_bytes()
+                sink.write({"__key__": f"{s}_{i:04d}", "jpg": jpg, "txt": item["caption"]})
+    return str(shards / "{00000..00001}.tar")
+
+
+def test_webdataset_shards_train(assets, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_stage1_config(tmp_path, assets["ann"], out, assets["bert"], save_every=100)
-    cfg["data"]["datasets"] = [{"shards": str(shards / "{00000..00001}.tar")}]
+    cfg["data"]["datasets"] = [{"shards": write_shards(assets["ann"], tmp_path / "shards")}]
     train(write_config(tmp_path / "wds.yaml", **cfg))
     log = read_log(out)
     assert len(log) == 12 and falls(log), log
+
+
+@pytest.mark.parametrize("resume_after", [4, 6])  # mid-epoch, and the epoch's last batch
+def test_webdataset_loader_resumes_the_same_augmented_images(assets, tmp_path, resume_after):
+    """Shards through 2 DataLoader workers: a loader restored from a saved position yields the batches the
+    uninterrupted one does, random crops and flips included (drawn per sample, not from the workers' generators)."""
+    from tasks.config import load_config
+    from tasks.train_data import build_loader
+
+    cfg = tiny_stage1_config(tmp_path, assets["ann"], tmp_path / "run", assets["bert"])
+    cfg["data"].update(datasets=[{"shards": write_shards(assets["ann"], tmp_path / "shards")}], num_workers=2)
+    config = load_config(write_config(tmp_path / "wds.yaml", **cfg))
+
+    def take(loader, n: int) -> list[tuple[list[str], torch.Tensor]]:
+        batches = iter(loader)
+        return [(b["key"], b["image"]) for b in (next(batches) for _ in range(n))]
+
+    whole = take(build_loader(config, 0, 1, seed=0), 8)  # 24 samples, batches of 4: an epoch is 6 batches
+    first = build_loader(config, 0, 1, seed=0)
+    take(first, resume_after)
+    resumed = build_loader(config, 0, 1, seed=0)
+    resumed.load_state_dict(first.state_dict())
+    for (keys, images), (keys2, images2) in zip(whole[resume_after:], take(resumed, 8 - resume_after), strict=True):
+        assert keys == keys2
+        assert torch.equal(images, images2), keys
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
@@ -153,6 +182,76 @@ def test_stage2_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp
     assert wa.keys() == wb.keys()
     for key in wa:
         assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_resume_on_the_last_batch_of_an_epoch_is_exact_and_counters_continue(assets, tmp_path):
+    """A checkpoint taken on an epoch's last batch resumes into the next epoch (DataLoader workers, bad images);
+    the skipped-sample and non-finite-step counters continue from the checkpoint instead of restarting at 0."""
+    ann = caption_dataset(tmp_path / "bad", n=24, corrupt=1, missing=1)  # 6 steps of 4 per epoch, 2 skipped
+    base = tiny_stage1_config(tmp_path, ann, tmp_path / "x", assets["bert"], save_every=6)  # 12 steps: 2 epochs
+    base["data"]["num_workers"] = 2
+    base["model"]["qformer"] = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
+    cfg = write_config(tmp_path / "c.yaml", **base)
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    train(cfg, f"output_dir={full}")
+    proc = train(cfg, f"output_dir={crashed}", check=False, env={CRASH_AT_STEP_ENV: "6"})
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed right after the checkpoint on the epoch's end
+    ckpt = crashed / "checkpoints" / "ckpt-00000006"
+    assert read_log(crashed)[-1]["skipped_samples"] == 2
+    # The run's counters are in state.pt; a non-zero non-finite count must come back after the resume too.
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["counters"] == {"non_finite_steps": 0}
+    state["counters"]["non_finite_steps"] = 3
+    torch.save(state, ckpt / "state.pt")
+    proc = train(cfg, f"output_dir={crashed}")
+    assert "ckpt-00000006" in proc.stderr.split("resumed from")[1].splitlines()[0]
+
+    a, b = read_log(full), read_log(crashed)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "skipped_samples"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    assert [r["non_finite_steps"] for r in b] == [0] * 6 + [3] * 6
+    assert b[-1]["skipped_samples"] == 4  # the second epoch's bad images counted on top of the first's
+    wa = load_file(full / "final" / "model.safetensors")
+    wb = load_file(crashed / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+
+
+class _Planted:
+    """What a planted checkpoint file holds: unpickling it runs code (writes `marker`)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_resume_refuses_a_planted_pickle_without_running_it(assets, tmp_path, capsys):
+    from tasks.config import load_config
+    from tasks.train import main
+    from tasks.train import train as train_in_process
+
+    cfg = tiny_stage1_config(tmp_path, assets["ann"], tmp_path / "run", assets["bert"], save_every=2)
+    cfg["optim"]["total_steps"] = 2
+    config = write_config(tmp_path / "c.yaml", **cfg)
+    train_in_process(load_config(config))
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000002"
+    marker = tmp_path / "planted_code_ran"
+    for planted, resume in (("rank0.pt", "auto"), ("state.pt", str(ckpt))):  # found, or named: refused either way
+        good = (ckpt / planted).read_bytes()
+        torch.save({"rng": _Planted(marker)}, ckpt / planted)
+        capsys.readouterr()
+        assert main([str(config), f"resume={resume}"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("qformer train: error: ") and str(ckpt / planted) in last, last
+        assert not marker.exists()
+        (ckpt / planted).write_bytes(good)
 
 
 def test_resume_names_every_key_that_does_not_fit(tmp_path):

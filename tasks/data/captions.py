@@ -5,6 +5,13 @@ Annotation files are JSON lists of ``{"image": relative path, "caption": str | [
 image ids map to contiguous ints in order of first appearance, consistently across files (LAVIS
 `CaptionDataset.img_ids`). With a list of captions and `split_captions=True` every caption is its own sample.
 
+Annotation files are checked when read: invalid JSON, an entry without a path string in "image" or with a caption
+that is neither a string nor a list of strings is an error naming the file and the entry (`file[i]`). A caption
+with no words once cleaned (empty, blank, only punctuation) is a bad sample like an unreadable image: skipped when
+drawn, counted, and listed as `file[i]`. An image with more pixels than PIL's `Image.MAX_IMAGE_PIXELS`
+(`set_max_image_pixels`; the configs' `max_image_pixels`) is refused as a possible decompression bomb
+(`ImageTooLarge`, naming the image and its pixel count) before it is decoded.
+
 Bad data never kills a run and never passes silently. What a dataset item can be:
 
 - a good sample: a dict with ``image`` (tensor), ``text_input`` (str), maybe ``image_id`` (int) and the
@@ -31,33 +38,43 @@ import json
 import logging
 import os
 import random
+import re
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-from .text import CaptionProcessor
+from .text import CaptionProcessor, has_words
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "BadSample",
     "CaptionDataset",
+    "ImageTooLarge",
     "SkipCounter",
     "TooManyBadSamples",
     "collate",
     "decode_image",
     "load_image",
+    "read_json",
+    "require_usable",
+    "set_max_image_pixels",
     "track",
 ]
 
 Transform = Callable[[Image.Image], torch.Tensor]
 # Keys `collate` handles itself; any other key of the good samples is passed through as a list.
 _BOOKKEEPING = ("image", "text_input", "image_id", "skipped", "attempts", "position")
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default Image.MAX_IMAGE_PIXELS (PIL only warns up to twice it)
+_PIXELS = re.compile(r"\((\d+) pixels\)")  # in PIL's decompression-bomb messages
 
 
 @dataclass
@@ -69,24 +86,65 @@ class BadSample:
     position: Any = None
 
 
-class TooManyBadSamples(RuntimeError):
-    """Raised by `SkipCounter` when the fraction of skipped samples passes `max_skip_fraction`."""
+class TooManyBadSamples(RuntimeError, ValueError):
+    """Raised by `SkipCounter` when the fraction of skipped samples passes `max_skip_fraction`, and by
+    `require_usable` for a batch with no usable sample. A ValueError too: the command line reports it as bad input."""
 
 
-def _open_rgb(source: str | os.PathLike | io.BytesIO) -> Image.Image:
-    with Image.open(source) as img:
-        img.load()  # full decode now: a truncated or corrupt file raises here, not later in a transform
-        return img.convert("RGB")
+class ImageTooLarge(ValueError):
+    """An image with more pixels than `Image.MAX_IMAGE_PIXELS` (a possible decompression bomb); names the image."""
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The parsed JSON file at `path`; a missing, unreadable or invalid file is an error naming it and `what` (and,
+    for invalid JSON, the line and column)."""
+    if not path:
+        raise ValueError(f"no {what} given (empty path in the config)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {e}") from e
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Refuse images of more than `limit` pixels (width x height) from now on, in this process and the DataLoader
+    workers it starts; 0 = no limit. Sets PIL's process-wide `Image.MAX_IMAGE_PIXELS`."""
+    if limit < 0:
+        raise ValueError(f"max_image_pixels must be >= 0 (0 = no limit), got {limit}")
+    Image.MAX_IMAGE_PIXELS = limit or None
+
+
+def _open_rgb(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice that: here the limit is the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                img.load()  # full decode now: a truncated or corrupt file raises here, not later in a transform
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        match = _PIXELS.search(str(e))
+        pixels = f"{int(match.group(1)):,} pixels" if match else "too many pixels"
+        raise ImageTooLarge(
+            f"{name}: {pixels}, above the limit of {Image.MAX_IMAGE_PIXELS:,} (max_image_pixels; PIL refuses "
+            "larger images as possible decompression bombs)"
+        ) from e
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB; raises (OSError, ...) on missing/truncated/corrupt files."""
-    return _open_rgb(path)
+    """Open and fully decode an image file as RGB; raises (OSError, ImageTooLarge, ...) on missing, truncated,
+    corrupt or too large files."""
+    return _open_rgb(path, str(path))
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode encoded image bytes (jpg/png/webp) as RGB; raises on truncated or corrupt data."""
-    return _open_rgb(io.BytesIO(data))
+def decode_image(data: bytes, name: str = "<image bytes>") -> Image.Image:
+    """Fully decode encoded image bytes (jpg/png/webp) as RGB; raises on truncated, corrupt or too large data."""
+    return _open_rgb(io.BytesIO(data), name)
 
 
 def _describe(exc: BaseException) -> str:
@@ -156,6 +214,20 @@ def collate(batch: Sequence[dict[str, Any] | BadSample | None]) -> dict[str, Any
     if positions:
         out["position"] = positions
     return out
+
+
+def require_usable(batch: dict[str, Any]) -> dict[str, Any]:
+    """`batch` (from `collate`) if it holds a sample; else `TooManyBadSamples` naming what was skipped (a training
+    step cannot use an empty batch)."""
+    if batch["text_input"]:
+        return batch
+    first = batch["skipped"][0] if batch["skipped"] else "?"
+    reason = (batch.get("skip_reasons") or [""])[0]
+    raise TooManyBadSamples(
+        f"a batch of {batch['num_attempted']} sample(s) has none usable, substitutes included; the first: {first}"
+        + (f" ({reason})" if reason else "")
+        + ". Are data.datasets' image_root and ann_paths right?"
+    )
 
 
 class SkipCounter:
@@ -295,6 +367,7 @@ class CaptionDataset(Dataset):
         self.image_ids: dict[Any, int] = {}
         # (image path relative to image_root, caption or tuple of captions, contiguous image id)
         self.samples: list[tuple[str, str | tuple[str, ...], int]] = []
+        self.blank: dict[int, str] = {}  # sample index -> "file[i]" of a caption with no words: a bad sample
         for ann_path in self.ann_paths:
             self._read_annotations(ann_path)
         if not self.samples:
@@ -308,24 +381,48 @@ class CaptionDataset(Dataset):
         _warn_if_truncated_images_allowed()
 
     def _read_annotations(self, ann_path: str) -> None:
-        with open(ann_path, encoding="utf-8") as f:
-            entries = json.load(f)
+        entries = read_json(ann_path, "caption annotation file")
         if not isinstance(entries, list):
             raise ValueError(f"{ann_path}: expected a JSON list of annotations, got {type(entries).__name__}")
+        blank: list[int] = []
         for i, ann in enumerate(entries):
             if not isinstance(ann, dict) or "image" not in ann or "caption" not in ann:
                 raise ValueError(f"{ann_path}[{i}]: annotation needs 'image' and 'caption' keys, got {ann!r:.200}")
+            if not isinstance(ann["image"], str) or not ann["image"]:
+                raise ValueError(f"{ann_path}[{i}]: 'image' must be a path (a non-empty string), got {ann['image']!r}")
             captions = ann["caption"]
             if isinstance(captions, str):
                 captions = [captions]
             if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-                raise ValueError(f"{ann_path}[{i}]: 'caption' must be a string or a non-empty list of strings")
+                raise ValueError(
+                    f"{ann_path}[{i}]: 'caption' must be a string or a non-empty list of strings, got {captions!r:.200}"
+                )
             raw_id = ann.get("image_id", ann["image"])
+            if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
+                raise ValueError(f"{ann_path}[{i}]: 'image_id' must be a string or an integer, got {raw_id!r:.200}")
             image_id = self.image_ids.setdefault(raw_id, len(self.image_ids))
+            worded = [c for c in captions if has_words(c)]
+            if len(worded) < len(captions):
+                blank.append(i)
             if self.split_captions:
-                self.samples.extend((ann["image"], c, image_id) for c in captions)
+                for c in captions:
+                    if c not in worded:
+                        self.blank[len(self.samples)] = f"{ann_path}[{i}]"
+                    self.samples.append((ann["image"], c, image_id))
             else:
-                self.samples.append((ann["image"], tuple(captions) if len(captions) > 1 else captions[0], image_id))
+                # Blank captions of a list are left out; a list of nothing but blanks is one bad sample.
+                kept = worded or captions[:1]
+                if not worded:
+                    self.blank[len(self.samples)] = f"{ann_path}[{i}]"
+                self.samples.append((ann["image"], tuple(kept) if len(kept) > 1 else kept[0], image_id))
+        if blank:
+            logger.warning(
+                "%s: %d entr%s with an empty or blank caption (e.g. %s): skipped and counted as bad samples",
+                ann_path,
+                len(blank),
+                "y" if len(blank) == 1 else "ies",
+                ", ".join(f"[{i}]" for i in blank[:5]),
+            )
 
     @property
     def num_images(self) -> int:
@@ -338,6 +435,8 @@ class CaptionDataset(Dataset):
         return os.path.join(self.image_root, self.samples[index][0])
 
     def _load(self, index: int) -> dict[str, Any]:
+        if index in self.blank:
+            raise ValueError("empty or blank caption")
         _, caption, image_id = self.samples[index]
         if isinstance(caption, tuple):
             caption = random.choice(caption)
@@ -348,7 +447,7 @@ class CaptionDataset(Dataset):
         try:
             return self._load(index)
         except Exception as exc:  # any failure to read/decode/transform makes this one sample bad
-            path, reason = self.image_path(index), _describe(exc)
+            path, reason = self.blank.get(index) or self.image_path(index), _describe(exc)
         logger.debug("bad sample %d: %s (%s)", index, path, reason)
         if self.on_error == "drop":
             return BadSample(path, reason)

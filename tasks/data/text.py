@@ -10,7 +10,8 @@ Reproduces `BlipCaptionProcessor.pre_caption` and `BlipQuestionProcessor.pre_que
 - question: lower-case; the same characters are *deleted* (not replaced by a space); trailing spaces are
   stripped (leading ones are kept, repeated spaces are not collapsed); cut to `max_words` words.
 
-Commas, apostrophes, question marks, hyphens and slashes survive both.
+Commas, apostrophes, question marks, hyphens and slashes survive both. `has_words` tells a caption that cleaning
+leaves with words from an empty or blank one (or one of punctuation only), which the datasets skip as bad samples.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["CaptionProcessor", "clean_caption", "clean_question"]
+__all__ = ["CaptionProcessor", "clean_caption", "clean_question", "has_words"]
 
 # The LAVIS character class: . ! " ( ) * # : ; ~
 _PUNCT = re.compile(r"([.!\"()*#:;~])")
 _MULTI_SPACE = re.compile(r"\s{2,}")
+_WORD_CHAR = re.compile(r"[^\s.!\"()*#:;~]")  # neither whitespace nor a character cleaning removes
 
 
 def _truncate(text: str, max_words: int) -> str:
@@ -40,6 +42,12 @@ def clean_caption(text: str, max_words: int = 50, prompt: str = "") -> str:
     caption = _MULTI_SPACE.sub(" ", caption)
     caption = caption.rstrip("\n").strip(" ")
     return prompt + _truncate(caption, max_words)
+
+
+def has_words(text: str) -> bool:
+    """Whether `text` has a character that is neither whitespace nor one of the characters cleaning removes: False
+    for an empty or blank caption, or one of punctuation only (`"..."`), which would train on the prompt alone."""
+    return _WORD_CHAR.search(text) is not None
 
 
 def clean_question(text: str, max_words: int = 50) -> str:

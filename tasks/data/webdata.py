@@ -21,7 +21,8 @@ the splitting, seeding and resume bookkeeping are ours, so that they are exact:
   uninterrupted run would have used next. Result: the same batches in the same order as without the
   interruption, provided the shard list, seed, rank, world size and number of workers are the same (checked;
   the batch size may differ). Prefetched but unconsumed batches are not counted. Each rank keeps its own
-  state: save one per rank.
+  state: save one per rank. A sample's augmentation draws from its own seed ``(seed, epoch, rank, worker,
+  index)``, not from the worker's generators (which a resumed loader restarts), so it replays exactly too.
 - **Bad samples** (unreadable shard, missing image or caption, undecodable image) are skipped and attached to
   the next good sample as ``skipped`` paths ``url#key`` (``url`` for shard-level errors), so batches keep
   their size and a `SkipCounter` counts them exactly.
@@ -35,9 +36,11 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import tariterators
@@ -45,7 +48,7 @@ from webdataset import tariterators
 from qformer.dist import get_rank, get_world_size
 
 from .captions import BadSample, Transform, _describe, _warn_if_truncated_images_allowed, decode_image
-from .text import CaptionProcessor
+from .text import CaptionProcessor, has_words
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,20 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
 def seed_int(*parts: int) -> int:
     """A 64-bit seed mixed from non-negative ints (stable across processes, unlike `hash`)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0])
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Inside: torch's CPU generator and Python's `random` seeded with `seed`; after: both as they were. For
+    per-sample augmentation that does not depend on which worker, or which resumed loader, draws it."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 def _worker_layout() -> tuple[int, int]:
@@ -289,7 +306,8 @@ class WebCaptionDataset(ResumableIterable):
             stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(stream)
         return stream
 
-    def _decode(self, raw: dict[str, Any] | BadSample) -> dict[str, Any] | BadSample:
+    def _decode(self, raw: dict[str, Any] | BadSample, seed: int) -> dict[str, Any] | BadSample:
+        """`seed`: the sample's own, for its augmentation (see `seeded_rng`)."""
         if isinstance(raw, BadSample):
             return raw
         path = f"{raw.get('__url__', '<shard>')}#{raw.get('__key__', '?')}"
@@ -300,7 +318,11 @@ class WebCaptionDataset(ResumableIterable):
             caption = self._caption(raw)
             if caption is None:
                 return BadSample(path, f"no caption in {self.caption_from}")
-            image = self.transform(decode_image(data))
+            if not has_words(caption):
+                return BadSample(path, "empty or blank caption")
+            image = decode_image(data, path)
+            with seeded_rng(seed):
+                image = self.transform(image)
             return {"image": image, "text_input": self.text_processor(caption), "key": raw["__key__"]}
         except Exception as exc:
             return BadSample(path, _describe(exc))
@@ -327,7 +349,7 @@ class WebCaptionDataset(ResumableIterable):
                 n_raw += 1
                 if index < start:
                     continue  # consumed before the resume: skipped undecoded
-                item = self._decode(raw)
+                item = self._decode(raw, seed_int(self.seed, 5, epoch, self.rank, worker, index))
                 position = (num_workers, worker, (epoch, index))
                 if isinstance(item, BadSample):
                     logger.debug("bad sample %s: %s", item.path, item.reason)

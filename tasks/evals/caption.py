@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from qformer.blip2 import Blip2Stage1
 from qformer.stage2 import Blip2Stage2
+from tasks.data.captions import set_max_image_pixels
 from tasks.dist import on_rank0
 from tasks.evals import common
 from tasks.evals.config import EvalConfig
@@ -106,6 +107,8 @@ def load_caption_images(ann_path: str, image_root: str) -> list[CaptionImage]:
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or "image" not in entry:
             raise ValueError(f"{ann_path}[{i}]: an entry needs an 'image' key")
+        if not isinstance(entry["image"], str) or not entry["image"]:
+            raise ValueError(f"{ann_path}[{i}]: 'image' must be a path (a non-empty string), got {entry['image']!r}")
         image_id = entry.get("image_id", entry.get("img_id"))
         if image_id is None:
             try:
@@ -427,6 +430,7 @@ def evaluate_caption(
             f"prompt {cfg.prompt!r} has a '{{}}' placeholder, as the VQA prompt (EvalConfig's default) has: "
             "set prompt for captioning (the paper's: 'a photo of')"
         )
+    set_max_image_pixels(cfg.max_image_pixels)
     device = torch.device(device)
     common.warn_if_autocast_recasts_llm(model, cfg.precision, device)
     images = load_caption_images(cfg.ann_path, cfg.image_root)

@@ -1,7 +1,7 @@
 """What every evaluator needs: reading inputs, the image dataset, precision, result files, merging by id.
 
-read_json / write_json / write_text     inputs named in errors; outputs written whole or not at all
-ImageFiles / image_batches              evaluation images in order; an unreadable one stops the run
+read_json / write_json / write_text     inputs named in errors (tasks.data's reader); outputs whole or not at all
+ImageFiles / image_batches              evaluation images in order; an unreadable or too large one stops the run
 autocast / storage_dtype                the config's precision on a GPU (CPUs run fp32), via qformer.dtypes
 generate_sharded / results_by_id        strided split across ranks, merged by id, checked complete, sorted
 """
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from qformer.caption import GenerationConfig
 from qformer.dist import get_rank, get_world_size
 from qformer.dtypes import autocast_dtype, to_dtype
-from tasks.data.captions import load_image
+from tasks.data.captions import ImageTooLarge, load_image, read_json
 from tasks.data.transforms import eval_transform
 from tasks.dist import run_sharded, shard
 from tasks.evals.config import EvalConfig
@@ -58,19 +58,6 @@ REPORT_NAME = "report.html"
 
 
 # -- files ----------------------------------------------------------------------------------------------------------
-
-
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """The parsed JSON file at `path`; a missing, unreadable or invalid file is an error naming it and `what`."""
-    if not path:
-        raise ValueError(f"no {what} given (empty path in the config)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -111,6 +98,10 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             image = load_image(path)
+        except ImageTooLarge as e:  # its message names the image
+            raise ImageReadError(f"evaluation image {e}") from e
+        except FileNotFoundError as e:
+            raise ImageReadError(f"evaluation image not found: {path}") from e
         except Exception as e:
             raise ImageReadError(f"cannot read evaluation image {path}: {type(e).__name__}: {e}") from e
         return index, self.transform(image)

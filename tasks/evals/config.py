@@ -8,7 +8,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qformer.dtypes import DTYPES
-from tasks.config import ConfigError
+from tasks.config import ConfigError, read_yaml
+from tasks.data.captions import DEFAULT_MAX_IMAGE_PIXELS
 
 TASKS = ("retrieval", "vqa", "gqa", "caption")
 SCORES = ("itm+itc", "itm+itc_logit", "itm", "itc")
@@ -31,6 +32,7 @@ class EvalConfig:
     batch_size: int = 32
     num_workers: int = 4
     precision: str = "bf16"  # autocast dtype on a GPU; CPUs run fp32
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images stop the run (decompression bombs); 0 = no limit
     limit: int = 0  # evaluate the first N images/questions only (0 = all)
     # Retrieval: ITC for every pair, then ITM re-ranks the top k_test candidates of every image and every text.
     k_test: int = 128
@@ -45,6 +47,9 @@ class EvalConfig:
     min_new_tokens: int = 1
     length_penalty: float = -1.0
     vqa_eval_version: str = "lavis"  # lavis (pre-2021 fix, BLIP-2's published val numbers) | official
+    # VQA annotations with other than 10 answers are scored over the answers they have, with a warning and their count
+    # in metrics.json; true: refuse them.
+    strict_annotations: bool = False
     report_samples: int = 24  # examples shown in the HTML report
 
     def __post_init__(self) -> None:
@@ -56,15 +61,16 @@ class EvalConfig:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         if self.vqa_eval_version not in ("lavis", "official"):
             raise ValueError(f"vqa_eval_version must be lavis or official, got {self.vqa_eval_version!r}")
+        if self.max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be >= 0 (0 = no limit), got {self.max_image_pixels}")
 
 
 def load_eval_config(path: str | None, overrides: list[str] = ()) -> EvalConfig:
+    """A validated EvalConfig from a YAML file plus `key=value` overrides (the YAML may be None)."""
+    raw = read_yaml(path) if path else OmegaConf.create({})
     try:
-        raw = OmegaConf.load(path) if path else OmegaConf.create({})
         merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), raw, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file not found: {path}") from e
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path or 'config'}: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})") from e
     except ValueError as e:

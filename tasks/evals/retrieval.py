@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from qformer.blip2 import Blip2Stage1
 from qformer.dist import all_gather_variable, get_rank, get_world_size
+from tasks.data.captions import set_max_image_pixels
 from tasks.data.text import clean_caption
 from tasks.dist import gather_strided, shard_indices
 from tasks.evals.common import METRICS_NAME, REPORT_NAME, autocast, image_batches, read_json, storage_dtype, write_json
@@ -46,16 +47,29 @@ class RetrievalData:
 
 
 def load_retrieval_data(ann_path: str, image_root: str, limit: int = 0) -> RetrievalData:
-    """LAVIS-style test JSON: a list of {"image": relative path, "caption": [captions] or caption}."""
+    """LAVIS-style test JSON: a list of {"image": relative path, "caption": [captions] or caption}; anything else
+    is an error naming the file and the entry."""
     entries = read_json(ann_path, "retrieval annotation file")
+    if not isinstance(entries, list):
+        keys = f" with keys {sorted(entries)[:5]}" if isinstance(entries, dict) else ""
+        raise ValueError(
+            f"{ann_path}: expected a JSON list of {{'image', 'caption'}} entries (COCO Karpathy / Flickr30k test), "
+            f"got a JSON {type(entries).__name__}{keys}"
+            + (": a VQA questions file? (task=vqa)" if isinstance(entries, dict) and "questions" in entries else "")
+        )
     if limit:
         entries = entries[:limit]
     data = RetrievalData([], [], [], [])
     for i, entry in enumerate(entries):
-        if "image" not in entry or "caption" not in entry:
-            raise ValueError(f"{ann_path}: entry {i} needs 'image' and 'caption' keys, has {sorted(entry)}")
-        data.images.append(str(Path(image_root) / entry["image"]))
+        if not isinstance(entry, dict) or "image" not in entry or "caption" not in entry:
+            has = sorted(entry) if isinstance(entry, dict) else f"a {type(entry).__name__}"
+            raise ValueError(f"{ann_path}[{i}]: an entry needs 'image' and 'caption' keys, has {has}")
+        if not isinstance(entry["image"], str) or not entry["image"]:
+            raise ValueError(f"{ann_path}[{i}]: 'image' must be a path (a non-empty string), got {entry['image']!r}")
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{ann_path}[{i}]: 'caption' must be a string or a non-empty list of strings")
+        data.images.append(str(Path(image_root) / entry["image"]))
         data.img2txt.append([])
         for caption in captions:
             data.img2txt[-1].append(len(data.texts))
@@ -119,6 +133,7 @@ def rerank_pairs(i2t_topk: Tensor, t2i_topk: Tensor, n_txt: int, rank: int, worl
 def evaluate_retrieval(model: Blip2Stage1, tokenizer, cfg: EvalConfig, device: torch.device) -> dict:
     rank, world = get_rank(), get_world_size()
     main = rank == 0
+    set_max_image_pixels(cfg.max_image_pixels)
     data = load_retrieval_data(cfg.ann_path, cfg.image_root, cfg.limit)
     n_img, n_txt = len(data.images), len(data.texts)
     k = min(cfg.k_test, n_img, n_txt)

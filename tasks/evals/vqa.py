@@ -20,13 +20,16 @@ Inputs:
     `image_root / f"{imageId}.jpg"`), or LAVIS's list form (`[{"question_id", "image", "question", "answer"}]`).
 
 An image that cannot be read stops the evaluation with an error naming the file (on every rank: a failure on one
-rank is reported to all of them instead of leaving them waiting in a collective).
+rank is reported to all of them instead of leaving them waiting in a collective). An annotation with other than
+10 answers is scored over the answers it has, with a warning and `annotations_without_10_answers` in metrics.json
+(`strict_annotations: true` makes it an error); a prompt needs exactly one `{}` (`check_vqa_prompt`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,8 @@ from typing import Any
 
 import torch
 
-from qformer.stage2 import Blip2Stage2
+from qformer.stage2 import Blip2Stage2, check_vqa_prompt
+from tasks.data.captions import set_max_image_pixels
 from tasks.data.text import clean_question
 from tasks.dist import on_rank0
 from tasks.evals.common import (
@@ -96,6 +100,8 @@ def load_vqa_questions(path: str, image_root: str, image_pattern: str) -> list[Q
             qid, image_id, text = entry["question_id"], entry["image_id"], entry["question"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: questions[{i}] needs question_id, image_id and question ({e!r})") from e
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: questions[{i}]: 'question' must be a string, got {text!r:.100}")
         try:
             name = image_pattern.format(image_id=image_id)
         except (ValueError, KeyError, IndexError) as e:
@@ -105,8 +111,12 @@ def load_vqa_questions(path: str, image_root: str, image_pattern: str) -> list[Q
     return questions
 
 
-def load_vqa_annotations(path: str) -> dict[Hashable, dict[str, Any]]:
-    """question_id -> annotation, from an official VQAv2 / OK-VQA annotations file."""
+ANSWERS_PER_QUESTION = 10  # VQAv2 and OK-VQA: ten annotators; the leave-one-out accuracy assumes ten
+
+
+def load_vqa_annotations(path: str, strict: bool = False) -> dict[Hashable, dict[str, Any]]:
+    """question_id -> annotation, from an official VQAv2 / OK-VQA annotations file. Annotations with other than 10
+    answers are logged with their counts (`strict`: an error naming the file, the counts and the first entries)."""
     data = read_json(path, "VQA annotations file")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{path}: expected the official VQA annotations format {{'annotations': [...]}}")
@@ -114,10 +124,37 @@ def load_vqa_annotations(path: str) -> dict[Hashable, dict[str, Any]]:
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "question_id" not in ann or "answers" not in ann:
             raise ValueError(f"{path}: annotations[{i}] needs question_id and answers")
+        if not isinstance(ann["answers"], list) or not ann["answers"]:
+            raise ValueError(
+                f"{path}: annotations[{i}]: 'answers' must be a non-empty list, got {ann['answers']!r:.100}"
+            )
         if ann["question_id"] in annotations:
             raise ValueError(f"{path}: question_id {ann['question_id']!r} is annotated twice")
         annotations[ann["question_id"]] = ann
+    _check_answer_counts(path, annotations, strict)
     return annotations
+
+
+def answer_count_problem(path: str, annotations: dict[Hashable, dict[str, Any]]) -> tuple[int, str] | None:
+    """(how many annotations have other than 10 answers, a message with the counts), or None when all have 10."""
+    odd = {qid: len(ann["answers"]) for qid, ann in annotations.items() if len(ann["answers"]) != ANSWERS_PER_QUESTION}
+    if not odd:
+        return None
+    counts = ", ".join(f"{n} with {k}" for k, n in sorted(Counter(odd.values()).items()))
+    first = ", ".join(f"{qid!r}" for qid in list(odd)[:3])
+    return len(odd), (
+        f"{path}: {len(odd)} of {len(annotations)} annotations have other than {ANSWERS_PER_QUESTION} answers "
+        f"({counts}; e.g. question_id {first})"
+    )
+
+
+def _check_answer_counts(path: str, annotations: dict[Hashable, dict[str, Any]], strict: bool) -> None:
+    problem = answer_count_problem(path, annotations)
+    if problem is None:
+        return
+    if strict:
+        raise ValueError(f"{problem[1]}: refused (strict_annotations=true)")
+    logger.warning("%s: scored over the answers they have (strict_annotations=true refuses them)", problem[1])
 
 
 def load_gqa_questions(path: str, image_root: str) -> tuple[list[Question], dict[Hashable, str] | None]:
@@ -127,14 +164,16 @@ def load_gqa_questions(path: str, image_root: str) -> tuple[list[Question], dict
     if isinstance(data, dict):
         rows = []
         for qid, entry in data.items():
-            if not isinstance(entry, dict) or "imageId" not in entry or "question" not in entry:
-                raise ValueError(f"{path}: question {qid!r} needs imageId and question")
+            if not isinstance(entry, dict) or "imageId" not in entry or not isinstance(entry.get("question"), str):
+                raise ValueError(f"{path}: question {qid!r} needs imageId and question (a string)")
             rows.append((qid, entry["imageId"], f"{entry['imageId']}.jpg", entry["question"], entry.get("answer")))
     elif isinstance(data, list):
         rows = []
         for i, entry in enumerate(data):
             if not isinstance(entry, dict) or not {"question_id", "image", "question"} <= set(entry):
                 raise ValueError(f"{path}[{i}]: a LAVIS GQA entry needs question_id, image and question")
+            if not isinstance(entry["image"], str) or not isinstance(entry["question"], str):
+                raise ValueError(f"{path}[{i}]: 'image' and 'question' must be strings")
             image = entry["image"]
             rows.append((entry["question_id"], Path(image).stem, image, entry["question"], entry.get("answer")))
     else:
@@ -162,7 +201,7 @@ def _vqa_ground_truth(cfg: EvalConfig, questions: Sequence[Question]) -> dict[Ha
     if not cfg.annotations:
         logger.warning("no VQA annotations given: writing results.json only (e.g. for the test-dev server)")
         return None
-    annotations = load_vqa_annotations(cfg.annotations)
+    annotations = load_vqa_annotations(cfg.annotations, strict=cfg.strict_annotations)
     missing = [q.question_id for q in questions if q.question_id not in annotations]
     if missing:
         raise ValueError(
@@ -211,6 +250,9 @@ def _score_and_write(
         scored = vqa_metrics(answers, vqa_truth, version=cfg.vqa_eval_version)
         per_question = scored.pop("per_question")
         metrics.update(vqa_eval_version=cfg.vqa_eval_version, **scored)
+        problem = answer_count_problem(cfg.annotations, vqa_truth)
+        if problem is not None:
+            metrics[f"annotations_without_{ANSWERS_PER_QUESTION}_answers"] = problem[0]
     elif gqa_truth is not None:
         metrics["accuracy"] = gqa_accuracy(answers, {q.question_id: gqa_truth[q.question_id] for q in questions})
         per_question = {
@@ -248,9 +290,12 @@ def evaluate_vqa(model: Blip2Stage2, cfg: EvalConfig, device: torch.device | str
     if cfg.task not in ("vqa", "gqa"):
         raise ValueError(f"evaluate_vqa handles tasks vqa and gqa, got {cfg.task!r}")
     if not isinstance(model, Blip2Stage2):
-        raise TypeError(f"{cfg.task} needs a stage-2 (LLM) model, got {type(model).__name__}")
-    if cfg.prompt.count("{}") != 1:
-        raise ValueError(f"prompt {cfg.prompt!r} needs exactly one '{{}}' for the question")
+        raise ValueError(
+            f"{cfg.checkpoint} holds a {type(model).__name__} (stage 1): {cfg.task} evaluation needs a stage-2 (LLM) "
+            "checkpoint"
+        )
+    check_vqa_prompt(cfg.prompt)
+    set_max_image_pixels(cfg.max_image_pixels)
     device = torch.device(device)
     warn_if_autocast_recasts_llm(model, cfg.precision, device)
     questions, gqa_truth = _load_questions(cfg)

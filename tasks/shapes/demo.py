@@ -369,10 +369,16 @@ def _blind_vqa(checkpoint: Path, world: dict, out: Path) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `qformer demo` and `python -m tasks.shapes.demo`."""
-    parser.add_argument("--out", default="runs/shapes")
+    parser.add_argument(
+        "--out", default="runs/shapes", help="the folder for everything the demo writes (parts, runs, report.md)"
+    )
     parser.add_argument("--fast", action="store_true", help="a smaller world and fewer steps (CI: a few minutes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clean", action="store_true", help="delete OUT first")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the world, its stage-0 parts and the baselines' shuffles"
+    )
+    parser.add_argument(
+        "--clean", action="store_true", help="delete OUT first (otherwise finished parts of a run there are reused)"
+    )
     parser.set_defaults(log_level=logging.WARNING)
 
 
