@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from tasks import command
 from tasks.command import add_config_arguments, config_and_overrides
 from tasks.config import to_yaml
-from tasks.dist import setup_distributed
+from tasks.dist import setup_distributed, teardown_distributed
 from tasks.evals.config import EvalConfig, load_eval_config
 
 logger = logging.getLogger(__name__)
@@ -54,8 +53,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
             metrics = evaluate_caption(model, cfg, device)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
     return metrics
 
 

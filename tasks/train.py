@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qformer.dist import get_rank, get_world_size, is_distributed
+from qformer.dist import get_rank, get_world_size
 from qformer.dtypes import to_dtype
 from tasks import command
 from tasks.checkpointing import find_resume, resume_from, save_checkpoint
 from tasks.command import add_config_arguments, config_and_overrides
 from tasks.config import TrainConfig, load_config, to_yaml
-from tasks.dist import setup_distributed
+from tasks.dist import setup_distributed, teardown_distributed
 from tasks.optim import build_optimizer, set_lr
 from tasks.run_folder import json_line, lock_run_folder, start_log, truncate_log
 from tasks.train_data import build_loader
@@ -297,10 +297,7 @@ def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
 
         save_pretrained(model, final, tokenizer=tokenizer if cfg.stage == "stage1" else None)
         logger.info("%s; %d non-finite steps skipped", loader.skip_summary(), non_finite)
-    if is_distributed():
-        dist.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown_distributed()
     return final
 
 

@@ -26,7 +26,7 @@ from qformer.dist import (
     is_distributed,
 )
 from qformer.losses import hard_negative_indices, itc_loss
-from tasks.dist import gather_strided, on_rank0, run_sharded, shard, shard_indices
+from tasks.dist import gather_strided, on_rank0, run_sharded, shard, shard_indices, teardown_distributed
 
 WORLD = 2
 B, Q, D, P = 3, 2, 5, 4  # per-rank batch, queries, hidden width, projection width
@@ -132,7 +132,7 @@ def _worker(rank: int, tmp_path: Path) -> None:
 
         torch.save(results, tmp_path / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def _error(fn) -> str | None:

@@ -26,6 +26,7 @@ from qformer.config import Blip2Config, LLMConfig
 from qformer.stage2 import Blip2Stage2
 from tasks.data.text import clean_question
 from tasks.data.transforms import eval_transform
+from tasks.dist import teardown_distributed
 from tasks.evals import caption as caption_module
 from tasks.evals.caption import caption_scores, evaluate_caption, image_id_from_name, spice_unavailable_reason
 from tasks.evals.common import ImageReadError
@@ -559,7 +560,7 @@ def _worker(rank: int, job: dict) -> None:
             out["broken"] = f"{type(e).__name__}: {e}"
         Path(job["out"], f"rank{rank}.json").write_text(json.dumps(out))
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def test_two_processes_write_what_one_writes(

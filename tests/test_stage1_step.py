@@ -14,6 +14,7 @@ from torch.testing import assert_close
 from qformer.blip2 import Blip2Stage1
 from qformer.config import Blip2Config
 from qformer.losses import itc_loss, itg_labels, itg_loss
+from tasks.dist import teardown_distributed
 from tasks.stage1 import stage1_losses
 
 WORLD, B, T = 2, 3, 6
@@ -113,7 +114,7 @@ def _worker(rank: int, tmp_path: Path) -> None:
         ).norm()
         torch.save(results, tmp_path / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
