@@ -165,7 +165,7 @@ def sharding_checks(rank: int) -> dict[str, object]:
 def rank_results(tmp_path_factory) -> list[dict]:
     tmp_path = tmp_path_factory.mktemp("dist")
     mp.start_processes(_worker, args=(tmp_path,), nprocs=WORLD, join=True, start_method="spawn")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def test_process_group_seen(rank_results):

@@ -176,7 +176,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     single = evaluate(load_eval_config(None, [f"{k}={v}" for k, v in paths.items()] + [f"output_dir={one}"]))
     mp.spawn(_worker, args=(paths, two, tmp_path / "result"), nprocs=2, join=True)
     for rank in range(2):
-        assert torch.load(f"{tmp_path / 'result'}.{rank}", weights_only=False) == single
+        assert torch.load(f"{tmp_path / 'result'}.{rank}", weights_only=True) == single
     assert json.loads((two / "metrics.json").read_text()) == json.loads((one / "metrics.json").read_text())
     a, b = json.loads((one / "topk.json").read_text()), json.loads((two / "topk.json").read_text())
     for side in a:
