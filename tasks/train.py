@@ -19,6 +19,7 @@ has each rank write the image ids of every step to `samples_rankR.jsonl` (data-s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -218,7 +219,7 @@ def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
                 batch = next(batches)
                 batch["image"] = batch["image"].to(device, non_blocking=True)
                 sync = micro == cfg.optim.grad_accum - 1 or world == 1
-                ctx = ddp.no_sync() if not sync and world > 1 else _null()
+                ctx = ddp.no_sync() if not sync and world > 1 else contextlib.nullcontext()
                 with ctx, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     losses = ddp(batch)
                     loss = losses["loss"] / cfg.optim.grad_accum
@@ -319,14 +320,6 @@ def _diverged(out: Path, step: int, streak: int, loss: float, cfg: TrainConfig) 
         f"(steps {step - streak + 1}-{step}, max_nonfinite_steps={cfg.max_nonfinite_steps}); {left}. "
         "Lower optim.lr (or raise optim.warmup_steps, set optim.clip_grad), or set max_nonfinite_steps=0 to go on"
     )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _tensorboard(out: Path, cfg: TrainConfig):

@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.testing import assert_close
 
 from tasks.train import CRASH_AT_STEP_ENV, LOG_SAMPLE_IDS_ENV
 from tests.llm_helpers import tiny_opt_folder, tiny_t5_folder
-from tests.train_helpers import caption_dataset, read_log, tiny_bert_folder, tiny_stage1_config, write_config
+from tests.train_helpers import (
+    assert_same_run,
+    caption_dataset,
+    read_log,
+    tiny_bert_folder,
+    tiny_stage1_config,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,16 +146,7 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
     assert "ckpt-00000008 is not usable" in proc.stderr and "resumed from" in proc.stderr
     assert "ckpt-00000004" in proc.stderr.split("resumed from")[1].splitlines()[0]
 
-    a, b = read_log(full), read_log(crashed)
-    assert [r["step"] for r in b] == list(range(1, 13))
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr"):
-            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
-    wa = load_file(full / "final" / "model.safetensors")
-    wb = load_file(crashed / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+    assert_same_run(full, crashed, 12, ("loss", "loss_itc", "loss_itm", "loss_itg", "lr"))
 
 
 @pytest.mark.parametrize("llm", ["opt", "t5"])
@@ -172,16 +169,7 @@ def test_stage2_sigkill_then_resume_reproduces_the_uninterrupted_run(assets, tmp
     proc = train(cfg, f"output_dir={crashed}")
     assert "ckpt-00000004" in proc.stderr.split("resumed from")[1].splitlines()[0]
 
-    a, b = read_log(full), read_log(crashed)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "lr"):
-            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
-    wa = load_file(full / "final" / "model.safetensors")
-    wb = load_file(crashed / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+    assert_same_run(full, crashed, 6, ("loss", "lr"))
 
 
 def test_resume_on_the_last_batch_of_an_epoch_is_exact_and_counters_continue(assets, tmp_path):
@@ -206,18 +194,9 @@ def test_resume_on_the_last_batch_of_an_epoch_is_exact_and_counters_continue(ass
     proc = train(cfg, f"output_dir={crashed}")
     assert "ckpt-00000006" in proc.stderr.split("resumed from")[1].splitlines()[0]
 
-    a, b = read_log(full), read_log(crashed)
-    assert [r["step"] for r in b] == list(range(1, 13))
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "skipped_samples"):
-            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    b = assert_same_run(full, crashed, 12, ("loss", "loss_itc", "loss_itm", "loss_itg", "lr", "skipped_samples"))
     assert [r["non_finite_steps"] for r in b] == [0] * 6 + [3] * 6
     assert b[-1]["skipped_samples"] == 4  # the second epoch's bad images counted on top of the first's
-    wa = load_file(full / "final" / "model.safetensors")
-    wb = load_file(crashed / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
 
 
 class _Planted:

@@ -44,3 +44,22 @@ def tiny_stage1_config(tmp: Path, ann: Path, out: Path, bert: Path, **extra) -> 
 
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_same_run(full: Path, resumed: Path, steps: int, keys: tuple[str, ...]) -> list[dict]:
+    """A resumed run equals the uninterrupted one: steps 1..`steps` logged once each, `keys` equal at every step,
+    and the final weights equal (atol 1e-6). Returns the resumed run's log for further checks."""
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    a, b = read_log(full), read_log(resumed)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    wa = load_file(full / "final" / "model.safetensors")
+    wb = load_file(resumed / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+    return b
