@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+EN_CORE_WEB_SM = "https://github.com/explosion/spacy-models/releases/download/en_core_web_sm-3.8.0/en_core_web_sm-3.8.0-py3-none-any.whl"
+
 setup(
     name="qformer",
     version="0.1.0",
@@ -29,6 +31,12 @@ setup(
         "pycocoevalcap",  # BLEU, METEOR, ROUGE-L, CIDEr (METEOR and the PTB tokenizer need Java)
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff"]},
+    extras_require={
+        # The tests run spaCy's rule lemmatizer with English tables from spacy-lookups-data (no model download).
+        "dev": ["pytest", "ruff", "spacy>=3.7,<4", "spacy-lookups-data>=1.0"],
+        # OK-VQA scoring lemmatises predicted answers (`lemmatize: true`) with spaCy's en_core_web_sm, which is not
+        # on PyPI: pip fetches the release wheel from GitHub (or: python -m spacy download en_core_web_sm).
+        "okvqa": ["spacy>=3.7,<4", f"en_core_web_sm @ {EN_CORE_WEB_SM}"],
+    },
     entry_points={"console_scripts": ["qformer=tasks.cli:main"]},
 )

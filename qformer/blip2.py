@@ -176,7 +176,9 @@ class Blip2Stage1(nn.Module):
         pad_token_id: int,
         cfg: GenerationConfig | None = None,
     ) -> Tensor:
-        """Captions `[B, <= max_new_tokens]` from the Q-Former's LM head: `[DEC]` first, `[SEP]` ends."""
+        """Caption ids `[B * n, <= max_new_tokens]` from the Q-Former's LM head, decoded by transformers' `generate`
+        (`qformer.caption.generate`): `[DEC]` first (not returned), `[SEP]` ends, pads after it. The image is read
+        once. With `cfg.num_return_sequences` n > 1, rows b*n ... b*n+n-1 are image b's (transformers' order)."""
         cache = self.image_features(self.encode_image(image)).cache
         return generate(
             self.qformer,
@@ -188,7 +190,8 @@ class Blip2Stage1(nn.Module):
         )
 
     def caption(self, image: Tensor, tokenizer, cfg: GenerationConfig | None = None) -> list[str]:
-        """Captions as text, with the BERT tokenizer the model was trained with (its `[DEC]` in the CLS slot)."""
+        """Captions as text, with the BERT tokenizer the model was trained with (its `[DEC]` in the CLS slot); B*n
+        of them with `cfg.num_return_sequences` n, in `generate`'s order."""
         ids = self.generate(
             image,
             bos_token_id=tokenizer.bos_token_id,

@@ -1,8 +1,13 @@
-"""Caption generation with the Q-Former's own LM head (stage 1), decoding against the queries' KV cache.
+"""Decoding settings for both stages, and caption generation with the Q-Former's own LM head (stage 1).
 
-The image is read once: the query pass caches every layer's keys/values, and each new token runs one
-text position through the layers (no cross-attention, which only the queries do). Beam search reorders the
-cache rows with `KVCache.index_select`.
+One `GenerationConfig` drives both stages' decoding through transformers' `generate`: stage 2 passes
+`generate_kwargs` to the LLM's `generate`; stage 1 passes them to `QFormerCaptioner` (qformer/caption_decoder.py),
+a thin transformers model around `QFormer.decode` and the tied LM head. Greedy and beam search, sampling, the
+length rules, the repetition penalty and `num_return_sequences` are therefore transformers' in both stages.
+
+The image is read once: the query pass's KV cache is computed before `generate`; the first step (`[DEC]`) runs
+once per image and its cache is repeated for beams and samples; each later step runs one new text position through
+the layers (no cross-attention, which only the queries do).
 """
 
 from __future__ import annotations
@@ -17,11 +22,23 @@ from qformer.qformer import KVCache, QFormer
 
 @dataclass
 class GenerationConfig:
+    """How to decode; the meaning of every field is transformers' (`transformers.GenerationConfig`)."""
+
     max_new_tokens: int = 30
     min_new_tokens: int = 8  # the end token is forbidden before this many new tokens
-    num_beams: int = 5
-    length_penalty: float = 1.0  # finished beams are ranked by sum(log p) / length ** length_penalty
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already generated (CTRL-style, as transformers)
+    num_beams: int = 5  # 1: greedy search (or plain sampling with do_sample)
+    length_penalty: float = 1.0  # beam search ranks finished beams by sum(log p) / length ** length_penalty
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL-style)
+    # Beam search's stopping rule: False stops an image once no live beam can beat its finished ones (heuristic at
+    # the current length), True as soon as num_beams have finished, "never" only when none can beat them at all.
+    early_stopping: bool | str = False
+    do_sample: bool = False  # sample the next token (with beams: beam-search multinomial sampling)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens holding this much probability (1 = off)
+    top_k: int = 50  # sample among the k most likely tokens (0 = off); 50 is transformers' default
+    temperature: float = 1.0  # logits are divided by this before sampling
+    # Sequences per input: with beams the n best, with sampling n samples; generate returns B*n rows, each input's n
+    # consecutive (transformers' order: rows b*n ... b*n+n-1 belong to input b).
+    num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.min_new_tokens < 0:
@@ -30,24 +47,54 @@ class GenerationConfig:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or self.temperature <= 0:
+            raise ValueError(
+                f"need 0 < top_p <= 1, top_k >= 0 and temperature > 0, got top_p={self.top_p}, top_k={self.top_k}, "
+                f"temperature={self.temperature}"
+            )
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) needs as many beams (num_beams="
+                f"{self.num_beams}) or sampling (do_sample)"
+            )
+
+    def generate_kwargs(self, *, eos_token_id: int, pad_token_id: int) -> dict:
+        """Keyword arguments for transformers' `generate` (both stages use them).
+
+        Beam-only and sampling-only settings are passed only where they act, so that transformers does not warn
+        about them and a model's own defaults for them stay untouched otherwise.
+        """
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            num_beams=self.num_beams,
+            repetition_penalty=self.repetition_penalty,
+            do_sample=self.do_sample,
+            num_return_sequences=self.num_return_sequences,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        if self.num_beams > 1:
+            kwargs.update(length_penalty=self.length_penalty, early_stopping=self.early_stopping)
+        if self.do_sample:
+            kwargs.update(top_p=self.top_p, top_k=self.top_k, temperature=self.temperature)
+        return kwargs
 
 
-def _next_log_probs(
-    qformer: QFormer, tokens: Tensor, cache: KVCache, history: Tensor, step: int, cfg: GenerationConfig, eos: int
-) -> tuple[Tensor, KVCache]:
-    out = qformer.decode(tokens, cache)
-    logits = qformer.lm_logits(out.hidden[:, -1]).float()  # [R, V]
-    if cfg.repetition_penalty != 1.0 and history.numel():
-        seen = logits.gather(1, history)
-        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
-        logits = logits.scatter(1, history, seen)
-    log_probs = logits.log_softmax(dim=-1)
-    if step < cfg.min_new_tokens:
-        log_probs[:, eos] = float("-inf")
-    return log_probs, out.cache
+def pad_after_end(ids: Tensor, eos_token_id: int, pad_token_id: int) -> Tensor:
+    """`ids` `[R, T]` with every position after a row's first end token set to the pad id.
+
+    transformers' beam search fills finished rows with the end token when the pad id is 0 (BERT's).
+    """
+    ended = (ids == eos_token_id).int().cumsum(dim=1)  # [R, T], > 0 from the first end token on
+    return ids.masked_fill((ended - (ids == eos_token_id).int()) > 0, pad_token_id)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: a step's many small ops cost less than under no_grad
 def generate(
     qformer: QFormer,
     cache: KVCache,
@@ -57,96 +104,21 @@ def generate(
     pad_token_id: int,
     cfg: GenerationConfig | None = None,
 ) -> Tensor:
-    """Token ids `[B, <= max_new_tokens]` (without the leading `[DEC]`), padded after the end token.
+    """Token ids `[B * num_return_sequences, <= max_new_tokens]` (without the leading `[DEC]`), padded after the end
+    token; with num_return_sequences n, rows b*n ... b*n+n-1 are input b's (best beam first).
 
     cache: the query cache of B images (`QFormer.forward(image_embeds=..., use_cache=True).cache`).
     """
+    from qformer.caption_decoder import QFormerCaptioner  # imports transformers
+
+    if cache.text_length:
+        raise ValueError(f"expected the queries' cache alone, got {cache.text_length} text positions in it")
     cfg = cfg or GenerationConfig()
-    if cfg.num_beams == 1:
-        return _greedy(qformer, cache, bos_token_id, eos_token_id, pad_token_id, cfg)
-    return _beam_search(qformer, cache, bos_token_id, eos_token_id, pad_token_id, cfg)
-
-
-def _greedy(qformer: QFormer, cache: KVCache, bos: int, eos: int, pad: int, cfg: GenerationConfig) -> Tensor:
-    batch = cache.layers[0][0].shape[0]
-    device = cache.layers[0][0].device
-    tokens = torch.full((batch, 1), bos, dtype=torch.long, device=device)
-    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(cfg.max_new_tokens):
-        log_probs, cache = _next_log_probs(qformer, tokens, cache, generated, step, cfg, eos)
-        nxt = log_probs.argmax(dim=-1).masked_fill(done, pad)  # [B]
-        generated = torch.cat([generated, nxt[:, None]], dim=1)
-        done |= nxt == eos
-        tokens = nxt[:, None]
-        if bool(done.all()):
-            break
-    return generated
-
-
-def _beam_search(qformer: QFormer, cache: KVCache, bos: int, eos: int, pad: int, cfg: GenerationConfig) -> Tensor:
-    k = cfg.num_beams
-    batch = cache.layers[0][0].shape[0]
-    device = cache.layers[0][0].device
-    cache = cache.index_select(torch.arange(batch, device=device).repeat_interleave(k))  # [B*K, ...]
-    tokens = torch.full((batch * k, 1), bos, dtype=torch.long, device=device)
-    sequences = torch.empty(batch * k, 0, dtype=torch.long, device=device)
-    # Only the first beam is live at the start, so the first step does not pick the same token K times.
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    finished: list[list[tuple[float, Tensor]]] = [[] for _ in range(batch)]
-
-    def normalised(score: float, length: int) -> float:
-        return score / (length**cfg.length_penalty)
-
-    for step in range(cfg.max_new_tokens):
-        log_probs, cache = _next_log_probs(qformer, tokens, cache, sequences, step, cfg, eos)
-        vocab = log_probs.shape[-1]
-        total = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)  # [B, K*V]
-        top_scores, top_index = total.topk(2 * k, dim=1)  # 2K so that K survive even if K of them end here
-        beam_of, token_of = top_index // vocab, top_index % vocab
-        new_scores = torch.full((batch, k), float("-inf"), device=device)
-        new_rows = torch.zeros(batch, k, dtype=torch.long, device=device)
-        new_tokens = torch.full((batch, k), pad, dtype=torch.long, device=device)
-        for b in range(batch):
-            kept = 0
-            for score, beam, token in zip(
-                top_scores[b].tolist(), beam_of[b].tolist(), token_of[b].tolist(), strict=True
-            ):
-                if score == float("-inf"):
-                    break
-                row = b * k + beam
-                if token == eos:
-                    if len(finished[b]) < k or normalised(score, step + 1) > min(s for s, _ in finished[b]):
-                        seq = torch.cat([sequences[row], sequences.new_tensor([eos])])
-                        finished[b].append((normalised(score, step + 1), seq))
-                        finished[b] = sorted(finished[b], key=lambda x: -x[0])[:k]
-                    continue
-                new_scores[b, kept], new_rows[b, kept], new_tokens[b, kept] = score, row, token
-                kept += 1
-                if kept == k:
-                    break
-        rows = new_rows.view(-1)
-        sequences = torch.cat([sequences[rows], new_tokens.view(-1, 1)], dim=1)
-        cache = cache.index_select(rows)
-        scores = new_scores
-        tokens = new_tokens.view(-1, 1)
-        # Stop once every item holds K finished hypotheses and its best live beam, normalised at the current
-        # length, cannot beat the worst of them (the heuristic of transformers' beam search by default).
-        best_live = scores.max(dim=1).values
-        if all(
-            len(finished[b]) == k and normalised(best_live[b].item(), step + 1) <= finished[b][-1][0]
-            for b in range(batch)
-        ):
-            break
-    outputs = []
-    for b in range(batch):
-        if not finished[b]:  # nothing ended within max_new_tokens: take the best live beam
-            row = b * k + int(scores[b].argmax())
-            finished[b].append((normalised(scores[b].max().item(), sequences.shape[1]), sequences[row]))
-        outputs.append(max(finished[b], key=lambda x: x[0])[1])
-    width = max(len(s) for s in outputs)
-    result = torch.full((batch, width), pad, dtype=torch.long, device=device)
-    for b, seq in enumerate(outputs):
-        result[b, : len(seq)] = seq
-    return result
+    keys = cache.layers[0][0]  # [B, H, Q, d]
+    start = torch.full((keys.shape[0], 1), bos_token_id, dtype=torch.long, device=keys.device)  # [DEC]
+    kwargs = cfg.generate_kwargs(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    # The same rule, cheaper: transformers turns min_new_tokens into min_length (prompt + min_new_tokens) and then
+    # applies both, each a pass over [R, V] logits every step; the prompt here is `[DEC]` alone.
+    kwargs["min_length"] = 1 + kwargs.pop("min_new_tokens")
+    ids = QFormerCaptioner(qformer).generate(start, query_cache=cache, **kwargs)  # [B * n, 1 + new tokens]
+    return pad_after_end(ids[:, 1:], eos_token_id, pad_token_id)

@@ -36,7 +36,8 @@ __all__ = [
 
 GatherMode = Literal["faithful", "connected"]
 
-# Reference bounds for the learnable temperature (LAVIS clamps it before every step).
+# BLIP-1 / ALBEF bounds for the learnable temperature: LAVIS's `blip_pretrain.py`, `blip_retrieval.py` and
+# `albef_*.py` clamp it to these before every step. BLIP-2's `Blip2Qformer` (`blip2_qformer.py`) never clamps it.
 TEMP_MIN = 0.001
 TEMP_MAX = 0.5
 
@@ -56,7 +57,8 @@ class ITCOutput:
 
 
 def clamp_temperature_(temp: Tensor, min: float = TEMP_MIN, max: float = TEMP_MAX) -> Tensor:
-    """Clamp the learnable temperature in place, outside autograd, as the reference does before each step."""
+    """Clamp the learnable temperature in place, outside autograd, as LAVIS's BLIP-1 and ALBEF do before each step
+    (BLIP-2 never clamps; `tasks/stage1.py` calls this only when the run config's `itc_temp_clamp` asks for it)."""
     with torch.no_grad():
         temp.clamp_(min, max)
     return temp
@@ -85,7 +87,8 @@ def itc_loss(
     Args:
         image_feats: `[B, Q, P]` normalised query features of this rank's images.
         text_feats: `[B, P]` normalised [CLS] features of this rank's texts.
-        temp: learnable scalar temperature (clamp it with `clamp_temperature_` before the step).
+        temp: learnable scalar temperature, used as it is (BLIP-2 never clamps it; BLIP-1-style runs clamp it with
+            `clamp_temperature_` before the step).
         image_ids: `[B]` optional image ids (retrieval fine-tuning): every global text of the same image is a
             positive of an image and vice versa, with soft targets.
         gather: how the other ranks' features are gathered.

@@ -22,6 +22,8 @@ Modes (DESIGN.md section 3) are just different inputs and masks to the same `for
     image features and text      -> joint pass: bidirectional (ITM) or `causal=True` (ITG)
     `decode(text, cache)`        -> ITG text pass against the queries' cached keys/values; token-by-token
                                     decoding with the same cache.
+    `decode_shared(token, cache)` -> one generation step, the queries' keys/values held once per image
+                                    (`SharedQueryCache`) for all of its beams or samples.
 """
 
 from __future__ import annotations
@@ -59,6 +61,40 @@ class KVCache:
         return KVCache(
             [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers], self.query_length
         )
+
+
+@dataclass
+class SharedQueryCache:
+    """The decoding cache of k rows per image (beams or samples): the queries' keys/values once per image, the
+    text's per row. Beam reordering (`index_select`) then copies only the text, and a step never copies the queries'
+    part (with 32 queries and captions of up to 30 tokens, most of the cache).
+
+    Row r belongs to image r // rows_per_image; a reorder must keep every row within its image (beam search does).
+    """
+
+    queries: list[tuple[Tensor, Tensor]]  # per layer, [B, H, Q, d]
+    text: list[tuple[Tensor, Tensor]]  # per layer, [B * rows_per_image, H, T, d]
+    rows_per_image: int = 1
+
+    @classmethod
+    def of(cls, cache: KVCache) -> SharedQueryCache:
+        """A queries-only `KVCache` (one row per image), with no text yet."""
+        if cache.text_length:
+            raise ValueError(f"expected the queries' cache alone, got {cache.text_length} text positions in it")
+        return cls(cache.layers, [(k[:, :, :0], v[:, :, :0]) for k, v in cache.layers])
+
+    @property
+    def query_length(self) -> int:
+        return self.queries[0][0].shape[2]
+
+    @property
+    def text_length(self) -> int:
+        return self.text[0][0].shape[2]
+
+    def index_select(self, index: Tensor, rows_per_image: int | None = None) -> SharedQueryCache:
+        """Text rows in a new order (`index` into the current rows); `rows_per_image` to repeat each image's rows."""
+        text = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.text]
+        return SharedQueryCache(self.queries, text, rows_per_image or self.rows_per_image)
 
 
 @dataclass
@@ -116,6 +152,31 @@ class Attention(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # [B, H, L, d]
         a = a.transpose(1, 2).flatten(2)  # [B, L, D]
         return self.norm(x + self.drop(self.out(a))), (k, v)
+
+    def decode_step(
+        self,
+        x: Tensor,  # [R, 1, D], one new text position per row
+        queries: tuple[Tensor, Tensor],  # the queries' keys/values [B, H, Q, d], shared by R / B consecutive rows
+        past: tuple[Tensor, Tensor],  # earlier text keys/values [R, H, T, d]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Self-attention of one new text token over `[queries; text so far; itself]` (all visible: the causal
+        mask hides only later tokens), with the queries' part read per image instead of per row."""
+        q = self._split_heads(self.q(x))  # [R, H, 1, d]
+        k = torch.cat([past[0], self._split_heads(self.k(x))], dim=2)  # [R, H, T + 1, d]
+        v = torch.cat([past[1], self._split_heads(self.v(x))], dim=2)
+        qk, qv = queries  # [B, H, Q, d]
+        rows, h, _, d = q.shape
+        if rows == qk.shape[0]:  # one row per image (greedy): one fused attention over [queries; text] is faster
+            a = F.scaled_dot_product_attention(q, torch.cat([qk, k], dim=2), torch.cat([qv, v], dim=2))
+        else:
+            grouped = q.view(qk.shape[0], rows // qk.shape[0], h, d)  # [B, k, H, d]
+            to_queries = torch.einsum("bkhd,bhqd->bkhq", grouped, qk).reshape(rows, h, 1, -1)  # [R, H, 1, Q]
+            to_text = q @ k.transpose(-1, -2)  # [R, H, 1, T + 1]
+            p = (torch.cat([to_queries, to_text], dim=-1) * d**-0.5).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            p_queries, p_text = p.split([qk.shape[2], k.shape[2]], dim=-1)
+            a = torch.einsum("bkhq,bhqd->bkhd", p_queries.reshape(grouped.shape[:3] + (-1,)), qv).reshape(q.shape)
+            a = a + p_text @ v  # [R, H, 1, d]
+        return self.norm(x + self.drop(self.out(a.transpose(1, 2).flatten(2)))), (k, v)  # [R, 1, D]
 
     def context_keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:  # [B, N, E] -> 2 x [B, H, N, d]
         return self._split_heads(self.k(context)), self._split_heads(self.v(context))
@@ -353,6 +414,20 @@ class QFormer(nn.Module):
             device=x.device,
         )
         return self._run_layers(x, 0, mask, None, None, cache, True)
+
+    def decode_shared(self, input_ids: Tensor, cache: SharedQueryCache) -> tuple[Tensor, SharedQueryCache]:
+        """One new token per row (`input_ids` `[R, 1]`) against a `SharedQueryCache`: the same result as `decode`
+        on the per-row cache, for generation; returns the hidden states `[R, 1, D]` and the grown cache."""
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"decode_shared takes one new token per row, got {input_ids.shape[1]}")
+        self._check_text(input_ids)
+        x = self.embeddings(None, input_ids, position_offset=cache.text_length)  # [R, 1, D]
+        text = []
+        for layer, queries, past in zip(self.layers, cache.queries, cache.text, strict=True):
+            x, kv = layer.self_attn.decode_step(x, queries, past)
+            x = layer.ffn_text(x)  # text positions never cross-attend
+            text.append(kv)
+        return x, SharedQueryCache(cache.queries, text, cache.rows_per_image)
 
     def _run_layers(
         self,

@@ -237,7 +237,10 @@ class Blip2Stage2(nn.Module):
         cfg: GenerationConfig | None = None,
         return_ids: bool = False,
     ) -> list[str] | Tensor:
-        """Text for each image (one prompt for all, or one per image), decoded with transformers' `generate`."""
+        """Text for each image (one prompt for all, or one per image), decoded with transformers' `generate`.
+
+        With `cfg.num_return_sequences` n: B*n texts, image b's at b*n ... b*n+n-1 (transformers' order).
+        """
         cfg = cfg or CAPTION_GENERATION
         prompt = self.soft_prompt(images, image_tokens)
         if isinstance(prompts, str):
@@ -246,14 +249,7 @@ class Blip2Stage2(nn.Module):
         ids = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.min_new_tokens,
-            num_beams=cfg.num_beams,
-            length_penalty=cfg.length_penalty,
-            repetition_penalty=cfg.repetition_penalty,
-            eos_token_id=self.end_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            do_sample=False,
+            **cfg.generate_kwargs(eos_token_id=self.end_token_id, pad_token_id=self.tokenizer.pad_token_id),
         )
         if return_ids:
             return ids

@@ -9,11 +9,16 @@ tokenize with the image tokens in front (what `Blip2Processor` builds), `generat
     python scripts/bench_generate.py --size tiny
     python scripts/bench_generate.py --size mid --batch 4
     python scripts/bench_generate.py --device cuda --dtype bf16 --size mid --llm-size 2.7b --vit eva_vit_g --batch 16
+    python scripts/bench_generate.py --stage1 --batch 8   # Q-Former captioning (stage 1), greedy and 5 beams
 
 The LLM is a random OPT: tiny (hidden 16), mid (hidden 512, 6 layers, vocab 50272) or 2.7b (OPT-2.7B's shape:
 hidden 2560, 32 layers, 32 heads, FFN 10240, vocab 50272). Its tokenizer is a word-level one of the same size. The
 mid image encoder is a small EVA-shaped ViT registered here as "bench_s" (width 384, 6 blocks, 224 px); eva_vit_g is
 the paper's. With random weights the end token is rarely drawn, so most outputs run to max_new_tokens on both sides.
+
+--stage1 times `Blip2Stage1.generate` instead (the Q-Former's own LM head, no LLM): a mid Q-Former (hidden 384,
+6 layers, 6 heads, FFN 1536, 32 queries, BERT's vocabulary + `[DEC]`) over the "tiny" encoder at 224 px (257 image
+tokens, cheap, so the time is the Q-Former's), greedy and beam search, min 8 / max --caption-tokens new tokens.
 """
 
 from __future__ import annotations
@@ -129,6 +134,40 @@ def timed_pair(fns, device: str, warmup: int, repeats: int) -> tuple[list[list[f
     return times, outs
 
 
+def bench_stage1(args) -> None:
+    """Captions/s of the stage-1 model (`Blip2Stage1.generate`), greedy and with --beams (default 5)."""
+    from qformer.blip2 import Blip2Stage1
+
+    torch.manual_seed(0)
+    vision = VisionConfig(arch="tiny", image_size=224, precision="fp32")
+    qformer = QFormerConfig(
+        hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536, encoder_width=qvision.ARCHS["tiny"].width
+    )
+    model = Blip2Stage1(Blip2Config(vision=vision, qformer=qformer, embed_dim=256)).eval().to(args.device)
+    images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(args.device)
+    ids = dict(bos_token_id=qformer.vocab_size - 1, eos_token_id=102, pad_token_id=0)
+    n_q = sum(p.numel() for p in model.qformer.parameters())
+    print(
+        f"stage 1: Q-Former {n_q / 1e6:.1f}M ({qformer.num_query_tokens} queries, hidden {qformer.hidden_size}, "
+        f"{qformer.num_layers} layers), tiny ViT @ 224 px; batch {args.batch}, {args.device}, "
+        f"threads {torch.get_num_threads()}"
+    )
+    for beams in (1, args.beams or CAPTION_GENERATION.num_beams):
+        cfg = GenerationConfig(
+            max_new_tokens=args.caption_tokens, min_new_tokens=min(8, args.caption_tokens), num_beams=beams
+        )
+        (times,), (out,) = timed_pair(
+            (lambda cfg=cfg: model.generate(images, **ids, cfg=cfg),), args.device, args.warmup, args.repeats
+        )
+        t = statistics.median(times)
+        print(
+            f"captions (beams {beams}, {cfg.min_new_tokens}..{cfg.max_new_tokens} new): "
+            f"{args.batch / t:.2f} captions/s "
+            f"(median {t * 1e3:.0f} ms, min {min(times) * 1e3:.0f} ms per batch over {len(times)} runs; "
+            f"output {tuple(out.shape)})"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="encoder + Q-Former + LLM shapes")
@@ -142,9 +181,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="frozen ViT and LLM precision")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--stage1", action="store_true", help="time the stage-1 model's captioning instead (no LLM)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.stage1:
+        bench_stage1(args)
+        return
     register_bench_arch()
 
     ours = build_ours(args)

@@ -57,17 +57,7 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _preset(name: str):
-    """`Blip2Config.preset(name)`; an unknown name is bad input (a ValueError listing the known ones)."""
-    from qformer.config import Blip2Config
-
-    try:
-        return Blip2Config.preset(name)
-    except KeyError as e:
-        raise ValueError(f"--preset: {e.args[0]}") from e
-
-
-def _stage1_tokens(folder: str, texts: list[str], max_length: int):
+def stage1_tokens(folder: str, texts: list[str], max_length: int):
     from qformer.checkpoint import load_tokenizer_from
 
     tokenizer = load_tokenizer_from(folder)
@@ -80,74 +70,6 @@ def _stage1_tokens(folder: str, texts: list[str], max_length: int):
 # -- commands -----------------------------------------------------------------------------------------------------
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from qformer.checkpoint import read_state_dict, save_pretrained
-
-    if args.src_fmt == "transformers":
-        from qformer.hf_folders import load_transformers_folder
-
-        model = load_transformers_folder(args.source)
-    elif args.src_fmt == "ours":
-        from qformer.checkpoint import load_pretrained
-
-        model = load_pretrained(args.source)
-    else:
-        _preset(args.preset)  # a typo fails before a large file is read
-        model = _from_lavis(args, read_state_dict(args.source))
-    tokenizer = None
-    if args.bert:
-        from qformer.bert import load_tokenizer
-
-        tokenizer = load_tokenizer(args.bert)
-    if args.dst_fmt == "ours":
-        save_pretrained(model, args.dest, tokenizer=tokenizer)
-    else:
-        from qformer.blip2 import Blip2Stage1
-        from qformer.hf_folders import export_stage1, export_stage2
-
-        if isinstance(model, Blip2Stage1):
-            export_stage1(model, args.dest, tokenizer=tokenizer)
-        else:
-            export_stage2(model, args.dest)
-    print(f"wrote {args.dest}")
-    return 0
-
-
-def _from_lavis(args: argparse.Namespace, state: dict):
-    stage2 = any(k.startswith(("opt_proj.", "t5_proj.")) for k in state)
-    cfg = _preset(args.preset)
-    vision = cfg.vision
-    if args.vision_weights:
-        vision = dataclasses.replace(vision, weights=args.vision_weights)
-    if args.image_size:
-        vision = dataclasses.replace(vision, image_size=args.image_size)
-    has_visual = any(k.startswith("visual_encoder.") for k in state)
-    if not has_visual and not vision.weights:
-        raise ValueError(
-            f"{args.source} holds no image encoder (visual_encoder.*): pass --vision-weights (e.g. eva_vit_g.pth)"
-        )
-    cfg = dataclasses.replace(cfg, vision=vision)
-    if stage2:
-        if not args.llm:
-            raise ValueError(f"{args.source} is a stage-2 file: pass --llm with the language model's folder")
-        from qformer.stage2 import Blip2Stage2, load_stage2_state, read_llm_config
-
-        dtype = args.llm_dtype
-        if dtype is None:
-            # LAVIS runs OPT in fp16 and casts Flan-T5 to bf16 (T5 overflows in fp16).
-            dtype = "bf16" if read_llm_config(args.llm).is_encoder_decoder else "fp16"
-            logger.info("%s: frozen LLM in %s (pass --llm-dtype to choose)", args.llm, dtype)
-        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, path=args.llm, dtype=dtype))
-        model = Blip2Stage2(cfg)  # Flan-T5 with exact GELU (llm.t5_dense_act_fn), as LAVIS ran it
-        load_stage2_state(model, state, "lavis", source=args.source)
-    else:
-        from qformer.blip2 import Blip2Stage1, load_stage1_state
-
-        model = Blip2Stage1(cfg)
-        load_stage1_state(model, state, "lavis", source=args.source)
-    return model
-
-
 def _generation_cfg(args: argparse.Namespace, default):
     changes = {
         k: v
@@ -155,12 +77,28 @@ def _generation_cfg(args: argparse.Namespace, default):
             ("num_beams", args.beams),
             ("max_new_tokens", args.max_new_tokens),
             ("min_new_tokens", args.min_new_tokens),
+            ("length_penalty", args.length_penalty),
+            ("repetition_penalty", args.repetition_penalty),
+            ("top_p", args.top_p),
+            ("top_k", args.top_k),
+            ("temperature", args.temperature),
+            ("num_return_sequences", getattr(args, "num_captions", None)),
         )
         if v is not None
     }
     if "max_new_tokens" in changes and "min_new_tokens" not in changes:
         # Asking for shorter output should not trip over the default minimum.
         changes["min_new_tokens"] = min(default.min_new_tokens, changes["max_new_tokens"])
+    sampling = {"top_p", "top_k", "temperature"} & set(changes)
+    if sampling and not args.sample:
+        raise ValueError(f"--{'/--'.join(sorted(k.replace('_', '-') for k in sampling))} only act with --sample")
+    if args.sample:
+        # Nucleus sampling as LAVIS's captioning does it: one beam and top_p 0.9 unless asked otherwise.
+        changes = {"num_beams": 1, "top_p": 0.9, **changes, "do_sample": True}
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)  # the commands decode right after: sampled text repeats with the seed
     return dataclasses.replace(default, **changes)
 
 
@@ -173,12 +111,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
     images = load_images(args.images, model.cfg.vision.image_size)
     cfg = _generation_cfg(args, CAPTION_GENERATION)
     if isinstance(model, Blip2Stage1):
-        tokenizer, _ = _stage1_tokens(args.checkpoint, [""], 8)
+        tokenizer, _ = stage1_tokens(args.checkpoint, [""], 8)
         captions = model.caption(images, tokenizer, cfg)
     else:
         captions = model.generate(args.prompt, images=images, cfg=cfg)
-    for path, caption in zip(args.images, captions, strict=True):
-        print(f"{path}\t{caption}")
+    for i, caption in enumerate(captions):  # image i's cfg.num_return_sequences captions are consecutive
+        print(f"{args.images[i // cfg.num_return_sequences]}\t{caption}")
     return 0
 
 
@@ -208,7 +146,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     images = load_images(args.images, model.cfg.vision.image_size) if args.images else None
     ids = mask = None
     if args.text:
-        _, enc = _stage1_tokens(args.checkpoint, args.text, model.cfg.max_text_length)
+        _, enc = stage1_tokens(args.checkpoint, args.text, model.cfg.max_text_length)
         ids, mask = enc.input_ids, enc.attention_mask
     feats = model.extract_features(images, ids, mask, mode=args.mode)
     tensors = {k: v.contiguous() for k, v in dataclasses.asdict(feats).items() if v is not None}
@@ -261,63 +199,6 @@ class _CommandParser(argparse.ArgumentParser):
         return super().format_usage()
 
 
-def _convert_arguments(c: argparse.ArgumentParser) -> None:
-    from qformer.config import QFORMER_PRESETS, Blip2Config
-    from qformer.dtypes import DTYPES
-
-    # Blip2Config.preset knows the Q-Former presets' names (the registry), each with its image encoder.
-    presets = ", ".join(f"{name} ({Blip2Config.preset(name).vision.arch} image encoder)" for name in QFORMER_PRESETS)
-    c.add_argument("source", help="a LAVIS .pth file, a transformers BLIP-2 folder, or one of our checkpoint folders")
-    c.add_argument("dest", help="the folder to write (one of ours, or a transformers folder with --to transformers)")
-    c.add_argument(
-        "--from",
-        dest="src_fmt",
-        choices=["lavis", "transformers", "ours"],
-        required=True,
-        help="the source's format: lavis (a blip2_*.pth file), transformers (a Salesforce/blip2-* style folder) or "
-        "ours (a folder written by qformer train / convert)",
-    )
-    c.add_argument(
-        "--to",
-        dest="dst_fmt",
-        choices=["ours", "transformers"],
-        default="ours",
-        help="the output's format: ours (config.json + model.safetensors) or transformers (a folder "
-        "Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval loads, with its processor)",
-    )
-    c.add_argument(
-        "--preset",
-        default="paper",
-        choices=list(QFORMER_PRESETS),
-        metavar="PRESET",
-        help=f"model shape of a LAVIS file (Blip2Config.preset): {presets}; the tiny ones are test twins",
-    )
-    c.add_argument(
-        "--llm",
-        help="the language model's folder, for a LAVIS stage-2 file (which holds no LLM weights); default: none "
-        "(a stage-1 file needs none)",
-    )
-    c.add_argument(
-        "--llm-dtype",
-        choices=list(DTYPES),
-        help="frozen LLM precision; default as LAVIS: bf16 for T5 (encoder-decoder), fp16 for OPT",
-    )
-    c.add_argument(
-        "--vision-weights",
-        help="frozen ViT weights for a LAVIS file that holds none (e.g. eva_vit_g.pth); default: none, the image "
-        "encoder comes from the file itself",
-    )
-    c.add_argument(
-        "--image-size", type=int, help="image size in pixels, e.g. 364 for fine-tuned files; default: the preset's"
-    )
-    c.add_argument(
-        "--bert",
-        help="a BERT folder whose tokenizer (+[DEC]) is saved with a stage-1 checkpoint, so that caption and "
-        "features can read text; default: none (no tokenizer saved)",
-    )
-    c.set_defaults(func=cmd_convert)
-
-
 def _decoding_arguments(p: argparse.ArgumentParser, preset) -> None:
     """--checkpoint and the decoding options; `preset` (a GenerationConfig) holds the command's defaults."""
     p.add_argument(
@@ -339,6 +220,33 @@ def _decoding_arguments(p: argparse.ArgumentParser, preset) -> None:
         help=f"the fewest tokens to generate before the end token may come (default: {preset.min_new_tokens}, or "
         "--max-new-tokens when that is smaller)",
     )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        metavar="X",
+        help="beam search ranks finished beams by sum(log p) / length ** X; > 0 favours longer text "
+        f"(default: {preset.length_penalty})",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="X",
+        help=f"> 1 discourages tokens already in the text (default: {preset.repetition_penalty})",
+    )
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample instead of searching: nucleus sampling with 1 beam and top-p 0.9 unless --beams / --top-p say "
+        "otherwise (random: set a seed with --seed for repeatable text)",
+    )
+    p.add_argument(
+        "--top-p", type=float, metavar="P", help="with --sample: nucleus sampling's probability mass (default: 0.9)"
+    )
+    p.add_argument(
+        "--top-k", type=int, metavar="K", help="with --sample: among the K most likely tokens, 0 = all (default: 50)"
+    )
+    p.add_argument("--temperature", type=float, metavar="T", help="with --sample: divide the logits by T (default: 1)")
+    p.add_argument("--seed", type=int, help="torch's random seed, for repeatable sampling (default: none)")
 
 
 def _caption_arguments(p: argparse.ArgumentParser) -> None:
@@ -347,6 +255,13 @@ def _caption_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     p.add_argument("--prompt", default="", help="text the caption continues (stage 2 only), e.g. 'a photo of'")
     _decoding_arguments(p, CAPTION_GENERATION)
+    p.add_argument(
+        "--num-captions",
+        type=int,
+        metavar="N",
+        help="captions per image, one line each: the N best beams (N <= --beams), or N samples with --sample "
+        "(default: 1)",
+    )
     p.set_defaults(func=cmd_caption)
 
 
@@ -384,6 +299,12 @@ def _mount(parser: argparse.ArgumentParser, module) -> None:
     parser.set_defaults(func=module.run)
 
 
+def _convert_command(parser: argparse.ArgumentParser) -> None:
+    from tasks import convert
+
+    _mount(parser, convert)
+
+
 def _train_command(parser: argparse.ArgumentParser) -> None:
     from tasks import train
 
@@ -394,6 +315,12 @@ def _eval_command(parser: argparse.ArgumentParser) -> None:
     from tasks import evaluate
 
     _mount(parser, evaluate)
+
+
+def _match_command(parser: argparse.ArgumentParser) -> None:
+    from tasks import match
+
+    _mount(parser, match)
 
 
 def _demo_command(parser: argparse.ArgumentParser) -> None:
@@ -415,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # Every command's arguments are added when it is chosen (_CommandParser), so `qformer --help` imports no torch.
-    sub.add_parser("convert", help="convert a LAVIS / transformers / qformer checkpoint", load=_convert_arguments)
+    sub.add_parser("convert", help="convert a LAVIS / transformers / qformer checkpoint", load=_convert_command)
     sub.add_parser("caption", help="caption image files", load=_caption_arguments)
     sub.add_parser("ask", help="answer a question about an image (zero-shot VQA)", load=_ask_arguments)
     sub.add_parser("features", help="extract image / text / multimodal features to a file", load=_features_arguments)
@@ -429,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate: retrieval, zero-shot VQA / GQA, captioning (configs/eval/*.yaml; = python -m tasks.evaluate)",
         load=_eval_command,
     )
+    sub.add_parser("match", help="ITM probability and ITC similarity of texts with an image", load=_match_command)
     sub.add_parser(
         "demo", help="the whole recipe in the shapes world, on a CPU (writes runs/shapes/report.md)", load=_demo_command
     )

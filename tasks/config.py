@@ -16,6 +16,7 @@ that is missing or a folder, or a file that is not valid YAML (`read_yaml`, the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,9 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | a checkpoint folder
     vit_grad_checkpointing: bool = False
     use_image_ids: bool = False  # ITC/ITM treat every pair of the same image as positive (retrieval fine-tuning)
+    # Stage 1: null leaves the learnable ITC temperature unclamped, as LAVIS's BLIP-2 (`Blip2Qformer`) does;
+    # [0.001, 0.5] clamps it before every step, as LAVIS's BLIP-1 and ALBEF do.
+    itc_temp_clamp: list[float] | None = None
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -101,6 +105,12 @@ class TrainConfig:
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
         if self.optim.grad_accum < 1 or self.optim.total_steps < 1:
             raise ValueError("optim.grad_accum and optim.total_steps must be >= 1")
+        clamp = self.itc_temp_clamp
+        if clamp is not None and not (len(clamp) == 2 and 0 < clamp[0] < clamp[1] < math.inf):
+            raise ValueError(
+                "itc_temp_clamp must be null (no clamp, as BLIP-2) or [min, max] with 0 < min < max, e.g. "
+                f"[0.001, 0.5] (BLIP-1), got {list(clamp)}"
+            )
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0 (0 = never stop), got {self.max_nonfinite_steps}")
 

@@ -27,6 +27,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     from qformer.blip2 import Blip2Stage1
     from qformer.checkpoint import load_pretrained, load_tokenizer_from
 
+    if cfg.lemmatize:  # a missing spaCy model fails now, not after a large checkpoint has loaded
+        from tasks.evals.lemmatize import load_lemmatizer
+
+        load_lemmatizer(cfg.lemmatizer_model)
     device = setup_distributed()
     model = load_pretrained(cfg.checkpoint).to(device)
     if cfg.image_size and cfg.image_size != model.cfg.vision.image_size:

@@ -31,8 +31,13 @@ def stage1_losses(
     image_ids: Tensor | None = None,  # [B]: pairs of the same image are all positives (retrieval fine-tuning)
     bos_token_id: int,
     generator: torch.Generator | None = None,
+    temp_clamp: tuple[float, float] | None = None,
 ) -> dict[str, Tensor]:
-    """{"loss", "loss_itc", "loss_itm", "loss_itg"} for one batch of image-text pairs."""
+    """{"loss", "loss_itc", "loss_itm", "loss_itg"} for one batch of image-text pairs.
+
+    temp_clamp: None (BLIP-2: LAVIS's `Blip2Qformer` never clamps the ITC temperature), or (min, max) to clamp it
+    in place before the step as BLIP-1 and ALBEF do ((0.001, 0.5) there).
+    """
     if (images is None) == (image_tokens is None):
         raise ValueError("pass exactly one of images or image_tokens")
     cfg = model.cfg
@@ -42,8 +47,8 @@ def stage1_losses(
         input_ids = _pad_to(input_ids, cfg.max_text_length, pad_id)
         attention_mask = _pad_to(attention_mask, cfg.max_text_length, 0)
 
-    with torch.no_grad():
-        clamp_temperature_(model.temp)
+    if temp_clamp is not None:
+        clamp_temperature_(model.temp, *temp_clamp)
     image_embeds = model.encode_image(images) if images is not None else model.embed_image_tokens(image_tokens)
     image = model.image_features(image_embeds, use_cache=True)  # feats [B, Q, P], cache for ITG
     text = model.text_features(input_ids, attention_mask)  # feat [B, P]
@@ -72,11 +77,20 @@ def stage1_losses(
 class Stage1Objective:
     """The training loop's stage-1 step: a batch of images and captions (and image ids) to named losses."""
 
-    def __init__(self, model: Blip2Stage1, tokenizer, *, max_text_length: int, use_image_ids: bool):
+    def __init__(
+        self,
+        model: Blip2Stage1,
+        tokenizer,
+        *,
+        max_text_length: int,
+        use_image_ids: bool,
+        temp_clamp: tuple[float, float] | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
         self.use_image_ids = use_image_ids
+        self.temp_clamp = temp_clamp  # None: the ITC temperature is never clamped (BLIP-2)
 
     def __call__(self, batch: dict) -> dict[str, Tensor]:
         images = batch["image"]
@@ -96,6 +110,7 @@ class Stage1Objective:
             images=images,
             image_ids=batch["image_id"].to(images.device) if self.use_image_ids else None,
             bos_token_id=self.tokenizer.bos_token_id,
+            temp_clamp=self.temp_clamp,
         )
 
     def state_dict(self) -> dict:

@@ -122,7 +122,11 @@ def build_objective(cfg: TrainConfig, model: nn.Module, tokenizer, rank: int = 0
         from tasks.stage1 import Stage1Objective
 
         return Stage1Objective(
-            model, tokenizer, max_text_length=cfg.model.max_text_length, use_image_ids=cfg.use_image_ids
+            model,
+            tokenizer,
+            max_text_length=cfg.model.max_text_length,
+            use_image_ids=cfg.use_image_ids,
+            temp_clamp=tuple(cfg.itc_temp_clamp) if cfg.itc_temp_clamp is not None else None,
         )
     from tasks.stage2 import Stage2Objective
 

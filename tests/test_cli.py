@@ -246,7 +246,8 @@ def test_qformer_x_and_python_m_log_the_same_lines(name, module, work, overrides
 def test_qformer_help_imports_no_command_module():
     check = (
         "import sys; from tasks.cli import build_parser; build_parser(); "
-        "print(sorted(m for m in ('torch', 'tasks.train', 'tasks.evaluate', 'tasks.shapes.demo') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'tasks.train', 'tasks.evaluate', 'tasks.shapes.demo', 'tasks.convert', "
+        "'tasks.match') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -271,3 +272,20 @@ def test_train_and_eval_share_their_parser_with_python_m(tmp_path, capsys):
             module.main([])
         assert stop.value.code == 2
         assert f"qformer {name}: error: the following arguments are required: config" in capsys.readouterr().err
+
+
+def test_convert_and_match_are_their_modules_commands(capsys):
+    from tasks import convert, match
+    from tasks.cli import build_parser
+
+    args = build_parser().parse_args(["convert", "a.pth", "out", "--from", "lavis", "--llm", "opt"])
+    assert args.func is convert.run and (args.source, args.dest, args.src_fmt, args.llm) == (
+        "a.pth",
+        "out",
+        "lavis",
+        "opt",
+    )
+    assert build_parser().parse_args(["match", "a.jpg", "a dog", "--checkpoint", "c"]).func is match.run
+    with pytest.raises(SystemExit) as done:
+        convert.main(["--help"])  # python -m tasks.convert
+    assert done.value.code == 0 and "--vision-weights" in capsys.readouterr().out

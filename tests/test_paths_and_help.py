@@ -99,7 +99,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_option_of_every_command_has_help_and_shows_its_default():
     commands = _commands()
-    assert set(commands) == {"", "convert", "caption", "ask", "features", "train", "eval", "demo"}
+    assert set(commands) == {"", "convert", "caption", "ask", "features", "match", "train", "eval", "demo"}
     for name, parser in commands.items():
         formatter = parser._get_formatter()
         for action in parser._actions:

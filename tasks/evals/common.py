@@ -165,6 +165,11 @@ def generation_config(cfg: EvalConfig) -> GenerationConfig:
         min_new_tokens=cfg.min_new_tokens,
         num_beams=cfg.num_beams,
         length_penalty=cfg.length_penalty,
+        repetition_penalty=cfg.repetition_penalty,
+        do_sample=cfg.do_sample,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
     )
 
 

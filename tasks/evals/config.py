@@ -46,7 +46,18 @@ class EvalConfig:
     max_new_tokens: int = 10
     min_new_tokens: int = 1
     length_penalty: float = -1.0
+    repetition_penalty: float = 1.0
+    # Sampling instead of search (qformer.caption.GenerationConfig, transformers' meaning); `qformer eval` seeds
+    # torch with 0 first, so sampled numbers repeat.
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 50
+    temperature: float = 1.0
     vqa_eval_version: str = "lavis"  # lavis (pre-2021 fix, BLIP-2's published val numbers) | official
+    # VQA / GQA: lemmatise each predicted answer (not the ground truth) before it is saved and scored, as LAVIS does
+    # for OK-VQA (tasks/evals/lemmatize.py): nouns and verbs to their lemmas. Needs spaCy (pip install -e ".[okvqa]").
+    lemmatize: bool = False
+    lemmatizer_model: str = "en_core_web_sm"  # a spaCy pipeline: an installed package name or a pipeline folder
     # VQA annotations with other than 10 answers are scored over the answers they have, with a warning and their count
     # in metrics.json; true: refuse them.
     strict_annotations: bool = False
@@ -61,6 +72,10 @@ class EvalConfig:
             raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         if self.vqa_eval_version not in ("lavis", "official"):
             raise ValueError(f"vqa_eval_version must be lavis or official, got {self.vqa_eval_version!r}")
+        if self.lemmatize and self.task not in ("vqa", "gqa"):
+            raise ValueError(f"lemmatize applies to predicted answers (task vqa or gqa), not to task {self.task!r}")
+        if self.lemmatize and not self.lemmatizer_model:
+            raise ValueError("lemmatize: true needs lemmatizer_model (e.g. en_core_web_sm)")
         if self.max_image_pixels < 0:
             raise ValueError(f"max_image_pixels must be >= 0 (0 = no limit), got {self.max_image_pixels}")
 

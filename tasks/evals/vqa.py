@@ -8,6 +8,8 @@
        . ! " ( ) * # : ; ~), then put in the prompt.
     3. The answers are gathered into one dict keyed by question id; an id answered twice is an error, so nothing
        is counted twice (unlike a padded DistributedSampler).
+       With `lemmatize: true` each predicted answer is then lemmatised (`tasks.evals.lemmatize`, LAVIS's OK-VQA
+       post-processing); the ground truth is not.
     4. Rank 0 writes `results.json` (`[{"question_id", "answer"}]` sorted by question id: the official results
        format), `metrics.json` and `report.html`; every rank returns the same metrics.
 
@@ -55,6 +57,7 @@ from tasks.evals.common import (
     write_json,
 )
 from tasks.evals.config import EvalConfig
+from tasks.evals.lemmatize import lemmatize_answers, load_lemmatizer
 from tasks.evals.metrics import gqa_accuracy, normalize_gqa_prediction, vqa_metrics
 from tasks.evals.report import VQASample, sample_indices, vqa_report
 
@@ -217,9 +220,10 @@ def _vqa_ground_truth(cfg: EvalConfig, questions: Sequence[Question]) -> dict[Ha
 
 
 def _answer_questions(
-    model: Blip2Stage2, questions: Sequence[Question], cfg: EvalConfig, device: torch.device
+    model: Blip2Stage2, questions: Sequence[Question], cfg: EvalConfig, device: torch.device, lemmatizer: Any = None
 ) -> dict[Hashable, str]:
-    """question_id -> generated answer for this rank's questions."""
+    """question_id -> generated answer for this rank's questions (lemmatised when a spaCy `lemmatizer` is given, as
+    LAVIS's `predict_answers` does with `apply_lemmatizer`)."""
     size = cfg.image_size or model.cfg.vision.image_size
     gen = generation_config(cfg)
     answers: dict[Hashable, str] = {}
@@ -229,6 +233,8 @@ def _answer_questions(
         texts = [clean_question(q.question) for q in batch]
         with autocast(device, cfg.precision):
             predicted = model.predict_answers(texts, images=images, prompt=cfg.prompt, cfg=gen)
+        if lemmatizer is not None:
+            predicted = lemmatize_answers(predicted, lemmatizer)
         answers.update((q.question_id, a) for q, a in zip(batch, predicted, strict=True))
     return answers
 
@@ -245,6 +251,8 @@ def _score_and_write(
     write_json(out / RESULTS_NAME, results_by_id(answers, "question_id", "answer"))
 
     metrics: dict[str, Any] = {"task": cfg.task, "num_questions": len(questions)}
+    if cfg.lemmatize:
+        metrics["lemmatized_with"] = cfg.lemmatizer_model
     per_question: dict[Hashable, float] = {}
     if vqa_truth is not None:
         scored = vqa_metrics(answers, vqa_truth, version=cfg.vqa_eval_version)
@@ -295,6 +303,7 @@ def evaluate_vqa(model: Blip2Stage2, cfg: EvalConfig, device: torch.device | str
             "checkpoint"
         )
     check_vqa_prompt(cfg.prompt)
+    lemmatizer = load_lemmatizer(cfg.lemmatizer_model) if cfg.lemmatize else None  # a missing one fails before work
     set_max_image_pixels(cfg.max_image_pixels)
     device = torch.device(device)
     warn_if_autocast_recasts_llm(model, cfg.precision, device)
@@ -311,7 +320,7 @@ def evaluate_vqa(model: Blip2Stage2, cfg: EvalConfig, device: torch.device | str
 
     model.eval()
     answers = generate_sharded(
-        questions, lambda mine: _answer_questions(model, mine, cfg, device), f"{cfg.task} answers"
+        questions, lambda mine: _answer_questions(model, mine, cfg, device, lemmatizer), f"{cfg.task} answers"
     )
     return on_rank0(
         lambda: _score_and_write(cfg, questions, answers, vqa_truth, gqa_truth), "scoring and writing", share=True
