@@ -334,6 +334,7 @@ def _blind_vqa(checkpoint: Path, world: dict, out: Path) -> dict:
     """The same frozen LM, the same prompt and decoding, no image at all."""
     from qformer.checkpoint import load_pretrained
     from tasks.data.text import clean_question
+    from tasks.evals.common import generation_config
     from tasks.evals.config import load_eval_config
     from tasks.evals.metrics import vqa_metrics
 
@@ -343,21 +344,13 @@ def _blind_vqa(checkpoint: Path, world: dict, out: Path) -> dict:
     annotations = json.loads(Path(world["test_annotations"]).read_text())["annotations"]
     tok = model.tokenizer
     side = "right" if model.is_encoder_decoder else "left"
+    decoding, end = generation_config(cfg), model.end_token_id  # the settings the image-conditioned answers use
     answers = {}
     for start in range(0, len(questions), cfg.batch_size):
         batch = questions[start : start + cfg.batch_size]
         prompts = [cfg.prompt.format(clean_question(q["question"])) for q in batch]
         enc = tok(prompts, padding="longest", return_tensors="pt", padding_side=side)
-        ids = model.llm.generate(
-            **enc,
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.min_new_tokens,
-            num_beams=cfg.num_beams,
-            length_penalty=cfg.length_penalty,
-            eos_token_id=model.end_token_id,
-            pad_token_id=tok.pad_token_id,
-            do_sample=False,
-        )
+        ids = model.llm.generate(**enc, **decoding.generate_kwargs(eos_token_id=end, pad_token_id=tok.pad_token_id))
         if not model.is_encoder_decoder:
             ids = ids[:, enc.input_ids.shape[1] :]
         for q, text in zip(batch, tok.batch_decode(ids, skip_special_tokens=True), strict=True):
