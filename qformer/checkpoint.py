@@ -84,6 +84,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, *, tokenizer=None) -> 
     tmp.replace(folder / WEIGHTS_NAME)
     meta = {"stage": stage, "config": config_to_dict(cfg), PATHS_KEY: paths}
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "qformer_tokenizer", None)  # instruct stage 2
     if tokenizer is not None:
         tokenizer.save_pretrained(folder / TOKENIZER_DIR)
     logger.info("saved %s (%d tensors; left out: %s) to %s", stage, len(state), ", ".join(skip), folder)
@@ -119,7 +120,7 @@ def load_pretrained(folder: str | Path, **llm_overrides) -> nn.Module:
     if stage == "stage1":
         model = Blip2Stage1(cfg)
     elif stage == "stage2":
-        model = Blip2Stage2(cfg)
+        model = Blip2Stage2(cfg, qformer_tokenizer=load_tokenizer_from(folder) if cfg.llm.qformer_instruction else None)
     else:
         raise CheckpointError(f"{config_path}: unknown stage {stage!r}")
     # The frozen LLM, and the image encoder when its own weights file rebuilds it, are not in the file.

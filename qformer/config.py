@@ -202,7 +202,8 @@ class VisionConfig:
 
 @dataclass
 class LLMConfig:
-    """The frozen language model of stage 2 (DESIGN.md section 5): OPT (decoder-only) or Flan-T5 (encoder-decoder)."""
+    """The frozen language model of stage 2 (DESIGN.md section 5): OPT or LLaMA/Vicuna (decoder-only) or Flan-T5
+    (encoder-decoder)."""
 
     path: str | None = None  # a local transformers folder (config, weights, tokenizer), or a hub name you can reach
     dtype: str = "fp16"  # the frozen LLM's precision; T5 overflows in fp16, so it must be bf16 or fp32
@@ -224,8 +225,17 @@ class LLMConfig:
     # exact "gelu", and the published numbers come from that. Decoder-only LLMs (OPT) ignore it. Checkpoints written
     # before this field existed read as None: they ran with the folder's own activation.
     t5_dense_act_fn: str | None = "gelu"
+    # InstructBLIP / BLIP-2 VQA fine-tuning: the Q-Former also reads the instruction (or question), `[queries;
+    # instruction]` in its self-attention, and only the query outputs go on to the LLM. The Q-Former then keeps its
+    # word/position embeddings and text FFN (no LM head). False is plain BLIP-2 stage 2 (query path only).
+    qformer_instruction: bool = False
+    # The longest instruction the Q-Former reads, in its (BERT) tokens, cut from the left as LAVIS's InstructBLIP
+    # does (`max_txt_len` 128, tokenizer `truncation_side="left"`).
+    max_instruction_length: int = 128
 
     def __post_init__(self) -> None:
+        if self.max_instruction_length < 1:
+            raise ValueError(f"LLMConfig.max_instruction_length must be >= 1, got {self.max_instruction_length}")
         if self.dtype not in PRECISIONS:
             raise ValueError(f"LLMConfig.dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         if self.max_text_length < 2:

@@ -111,6 +111,22 @@ class KeyMap:
 
 QFORMER_KEYS = KeyMap(QFORMER_KEY_MAP)
 
+# The instruction-aware Q-Former (InstructBLIP): transformers' `InstructBlipForConditionalGeneration` keeps the
+# text embeddings and their LayerNorm inside `qformer.embeddings` (BLIP-2's classes: `embeddings.*` at the top and
+# `qformer.layernorm`); the layers are named as in BLIP-2. Neither LAVIS's InstructBLIP (`Qformer.cls = None`) nor
+# transformers has a Q-Former LM head. The LAVIS column is stage 1's.
+_INSTRUCT_EMBEDDINGS = {
+    "qformer.embeddings.word": "qformer.embeddings.word_embeddings",
+    "qformer.embeddings.position": "qformer.embeddings.position_embeddings",
+    "qformer.embeddings.norm": "qformer.embeddings.layernorm",
+}
+INSTRUCT_QFORMER_KEY_MAP: tuple[tuple[str, str | None, str | None], ...] = tuple(
+    (ours, lavis, _INSTRUCT_EMBEDDINGS.get(ours, hf))
+    for ours, lavis, hf in QFORMER_KEY_MAP
+    if not ours.startswith("qformer.lm_head.")
+)
+INSTRUCT_QFORMER_KEYS = KeyMap(INSTRUCT_QFORMER_KEY_MAP)
+
 
 @dataclass
 class Converted:

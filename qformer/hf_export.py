@@ -31,6 +31,7 @@ IMAGE_TOKEN = "<image>"
 LLM_PREFIX = "language_model."
 STAGE2_CLASS = "Blip2ForConditionalGeneration"
 STAGE1_CLASS = "Blip2ForImageTextRetrieval"
+INSTRUCT_CLASS = "InstructBlipForConditionalGeneration"  # an instruction-aware stage 2 (`llm.qformer_instruction`)
 # vision_config key naming the qformer.config.ARCHS entry an encoder with shape overrides was built from.
 ARCH_KEY = "qformer_arch"
 # QFormerConfig field -> transformers' Blip2QFormerConfig field: one table for export and import.
@@ -71,7 +72,9 @@ def export_stage2(
     image_size: int | None = None,
     max_shard_size: str | int = "5GB",
 ) -> ExportResult:
-    """Write `model` (a `Blip2Stage2`) as a folder `Blip2ForConditionalGeneration.from_pretrained` loads strictly.
+    """Write `model` (a `Blip2Stage2`) as a folder `Blip2ForConditionalGeneration.from_pretrained` loads strictly;
+    an instruction-aware model as an `InstructBlipForConditionalGeneration` folder, its processor carrying the
+    Q-Former tokenizer (`qformer_tokenizer/`, truncating on the left as the model does).
 
     image_size: the exported encoder's input size (the position embedding is resampled, bicubic, when it differs
     from the model's `cfg.vision.image_size`); the processor resizes images to it.
@@ -79,11 +82,19 @@ def export_stage2(
     on the meta device, then saved with `save_pretrained` (sharded above `max_shard_size`).
     """
     from transformers import Blip2Config as HFBlip2Config
-    from transformers import Blip2ForConditionalGeneration
+    from transformers import Blip2ForConditionalGeneration, InstructBlipConfig, InstructBlipForConditionalGeneration
 
     from qformer.stage2 import stage2_keys, stage2_state_dict
 
     folder = Path(folder)
+    instruct = getattr(model, "instruct", False)
+    qformer_tokenizer = None
+    if instruct:
+        if model.qformer_tokenizer is None:
+            raise ExportError("an InstructBLIP folder's processor needs the Q-Former tokenizer: the model has none")
+        qformer_tokenizer = copy.deepcopy(model.qformer_tokenizer)
+        qformer_tokenizer.truncation_side = "left"
+        qformer_tokenizer.init_kwargs["truncation_side"] = "left"  # saved with the tokenizer
     notes: list[str] = []
     vision_config, size = _hf_vision_config(model, image_size, notes)
     tokenizer = copy.deepcopy(model.tokenizer)  # the model's own tokenizer stays as it was
@@ -101,21 +112,25 @@ def export_stage2(
         # Generation ends at our end-of-text token ("\n" for OPT), as in the Salesforce/blip2-opt-* folders.
         text_config.eos_token_id = model.end_token_id
 
-    config = HFBlip2Config(
+    qformer_config = _hf_qformer_config(model.cfg.qformer, text=instruct)
+    if instruct:
+        qformer_config.pop("use_qformer_text_input")  # InstructBLIP's Q-Former always reads text
+    config = (InstructBlipConfig if instruct else HFBlip2Config)(
         vision_config=vision_config,
-        qformer_config=_hf_qformer_config(model.cfg.qformer, text=False),
+        qformer_config=qformer_config,
         text_config=text_config.to_dict(),
         num_query_tokens=model.cfg.qformer.num_query_tokens,
         image_token_index=image_id,
     )
-    hf = _assign(Blip2ForConditionalGeneration, config, state, folder)
+    cls = InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration
+    hf = _assign(cls, config, state, folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(folder, max_shard_size=max_shard_size)
-    _processor(tokenizer, size, model.cfg.qformer.num_query_tokens).save_pretrained(folder)
+    _processor(tokenizer, size, model.cfg.qformer.num_query_tokens, qformer_tokenizer).save_pretrained(folder)
     if left_out:
-        logger.warning("%s: no place in %s for: %s", folder, STAGE2_CLASS, ", ".join(left_out))
+        logger.warning("%s: no place in %s for: %s", folder, cls.__name__, ", ".join(left_out))
     logger.info("exported stage 2 to %s (image token id %d)%s", folder, image_id, "".join(f"; {n}" for n in notes))
-    return ExportResult(folder, STAGE2_CLASS, left_out, notes, image_id)
+    return ExportResult(folder, cls.__name__, left_out, notes, image_id)
 
 
 def export_stage1(
@@ -308,8 +323,8 @@ def _assign(cls, config, state: dict[str, Tensor], folder: Path):
     return hf.eval()
 
 
-def _processor(tokenizer, size: int, num_query_tokens: int | None):
-    from transformers import Blip2Processor, BlipImageProcessor
+def _processor(tokenizer, size: int, num_query_tokens: int | None, qformer_tokenizer=None):
+    from transformers import Blip2Processor, BlipImageProcessor, InstructBlipProcessor
     from transformers.image_utils import PILImageResampling
 
     image_processor = BlipImageProcessor(
@@ -319,6 +334,8 @@ def _processor(tokenizer, size: int, num_query_tokens: int | None):
         image_std=list(CLIP_STD),
         do_convert_rgb=True,
     )
+    if qformer_tokenizer is not None:
+        return InstructBlipProcessor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens)
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
 
 
@@ -326,6 +343,7 @@ __all__ = [
     "ARCH_KEY",
     "LLM_PREFIX",
     "QFORMER_CONFIG_FIELDS",
+    "INSTRUCT_CLASS",
     "STAGE1_CLASS",
     "STAGE2_CLASS",
     "ExportError",

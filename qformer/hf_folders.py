@@ -6,7 +6,10 @@
     export_stage1(model, folder)       our stage-1 model -> a `Blip2ForImageTextRetrieval` folder (+ processor when a
                                        BERT tokenizer is given); the ITC temperature and the Q-Former LM head have
                                        no place there and are named in the result
-    load_transformers_folder(folder)   either kind of folder -> our `Blip2Stage1` / `Blip2Stage2`, loaded strictly
+    load_transformers_folder(folder)   either kind of folder -> our `Blip2Stage1` / `Blip2Stage2`, loaded strictly;
+                                       an `InstructBlipForConditionalGeneration` folder (`Salesforce/instructblip-*`)
+                                       -> an instruction-aware `Blip2Stage2` (`llm.qformer_instruction`) with the
+                                       processor's `qformer_tokenizer/` as its Q-Former tokenizer
 
 This module reads folders; the writing side lives in `qformer.hf_export` (its names are re-exported here).
 
@@ -80,6 +83,7 @@ def load_transformers_folder(folder: str | Path, *, dtype: str | torch.dtype = "
     Stage 1: the temperature and the Q-Former LM head are not in such folders and keep their initial values.
     """
     from transformers import Blip2Config as HFBlip2Config
+    from transformers import InstructBlipConfig
 
     folder = Path(folder)
     precision = dtype_name(dtype)
@@ -93,13 +97,14 @@ def load_transformers_folder(folder: str | Path, *, dtype: str | torch.dtype = "
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file}: not valid JSON ({err})") from err
     model_type = raw.get("model_type")
-    if model_type != HFBlip2Config.model_type:
+    if model_type not in (HFBlip2Config.model_type, InstructBlipConfig.model_type):
         raise CheckpointError(
-            f"{config_file}: model_type is {model_type!r}, not {HFBlip2Config.model_type!r}: "
-            "this is not a transformers BLIP-2 folder"
+            f"{config_file}: model_type is {model_type!r}, not {HFBlip2Config.model_type!r} or "
+            f"{InstructBlipConfig.model_type!r}: this is not a transformers BLIP-2 or InstructBLIP folder"
         )
-    config = HFBlip2Config.from_pretrained(folder)
-    stage = _stage_of(raw, config, config_file)
+    instruct = model_type == InstructBlipConfig.model_type
+    config = (InstructBlipConfig if instruct else HFBlip2Config).from_pretrained(folder)
+    stage = 2 if instruct else _stage_of(raw, config, config_file)
     if stage == 2 and config.text_config.is_encoder_decoder and precision == "fp16":
         raise ValueError(f"{config_file}: T5-style models overflow in fp16; use dtype bf16 (or fp32)")
     cfg = _our_config(config, precision, config_file)
@@ -122,7 +127,11 @@ def load_transformers_folder(folder: str | Path, *, dtype: str | torch.dtype = "
     llm = _build_llm(config.text_config, state, to_dtype(precision), folder)
     if tokenizer is None:
         tokenizer = _folder_tokenizer(folder)
-    model = Blip2Stage2(cfg, visual=visual, llm=llm, tokenizer=tokenizer)
+    qformer_tokenizer = None
+    if instruct:
+        cfg = _instruct_llm_config(cfg, config.text_config, tokenizer)
+        qformer_tokenizer = _folder_tokenizer(folder / "qformer_tokenizer", what="the Q-Former's (BERT)")
+    model = Blip2Stage2(cfg, visual=visual, llm=llm, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer)
     # The LLM is loaded already; its tensors go through the strict check once more (copied onto themselves).
     state.update({LLM_PREFIX + k: v for k, v in llm.state_dict().items()})
     load_stage2_state(model, state, "transformers", source=str(folder), require_visual=True)
@@ -214,10 +223,26 @@ def _our_config(config, precision: str, config_file: Path) -> Blip2Config:
     return Blip2Config(
         vision=vision,
         qformer=qformer,
-        embed_dim=config.image_text_hidden_size,
+        embed_dim=getattr(config, "image_text_hidden_size", 256),  # InstructBLIP has no stage-1 heads
         ln_vision_eps=vc.layer_norm_eps,  # transformers' post_layernorm = our ln_vision
         llm=LLMConfig(dtype=precision),  # t5_dense_act_fn: Blip2Stage2 records the activation of the LLM built here
     )
+
+
+def _instruct_llm_config(cfg: Blip2Config, text_config, tokenizer) -> Blip2Config:
+    """An InstructBLIP folder's model reads instructions; a decoder-only LLM (Vicuna) ends on its eos token, the one
+    transformers' `generate` stops at (LAVIS's Vicuna appends `eos_token` to its training targets)."""
+    import dataclasses
+
+    llm = dataclasses.replace(cfg.llm, qformer_instruction=True)
+    if not text_config.is_encoder_decoder:
+        from qformer.instruct import default_pad_token
+
+        default_pad_token(tokenizer)  # batched prompts are padded (LAVIS adds `[PAD]` to Vicuna's)
+        eos = text_config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        llm = dataclasses.replace(llm, end_of_text=tokenizer.convert_ids_to_tokens(eos))
+    return dataclasses.replace(cfg, llm=llm)
 
 
 def _build_llm(text_config, state: dict[str, Tensor], dtype: torch.dtype, folder: Path) -> nn.Module:
@@ -263,13 +288,13 @@ def _build_llm(text_config, state: dict[str, Tensor], dtype: torch.dtype, folder
     return llm.requires_grad_(False).eval()
 
 
-def _folder_tokenizer(folder: Path):
+def _folder_tokenizer(folder: Path, what: str = "the LLM's"):
     from transformers import AutoTokenizer
 
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise FileNotFoundError(
-            f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json); stage 2 needs the LLM's "
-            "tokenizer: pass tokenizer="
+            f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json); stage 2 needs {what} "
+            "tokenizer" + (": pass tokenizer=" if what == "the LLM's" else "")
         )
     return AutoTokenizer.from_pretrained(folder)
 

@@ -6,6 +6,8 @@
 Decoder-only (OPT): `[soft prompt; "</s>caption\\n"]`, loss on the caption only. Batched generation pads on the
 left, `[pads; soft prompt; prompt tokens]` (the layout transformers' BLIP-2 uses; OPT's positions skip the pads).
 Encoder-decoder (Flan-T5): encoder input `[soft prompt; text prefix]`, decoder target the rest of the text.
+Decoder-only LLaMA/Vicuna (InstructBLIP) runs the same way as OPT. With `llm.qformer_instruction` the Q-Former also
+reads an instruction beside its queries (InstructBLIP; `qformer.instruct`); the LLM's side is unchanged.
 The model gives logits; tokenising captions for training and the loss are `tasks/stage2.py`'s (as stage 1's
 are `tasks/stage1.py`'s). Generation is transformers' `generate` on the LLM with these input embeddings.
 """
@@ -23,8 +25,9 @@ from torch import Tensor, nn
 from qformer.blip2 import VISUAL_PREFIX, load_visual_state, split_visual_state
 from qformer.caption import GenerationConfig
 from qformer.config import Blip2Config, check_activation
-from qformer.convert import QFORMER_KEYS, KeyMap, convert_state_dict, load_converted
+from qformer.convert import INSTRUCT_QFORMER_KEYS, QFORMER_KEYS, KeyMap, convert_state_dict, load_converted
 from qformer.dtypes import to_dtype
+from qformer.instruct import default_pad_token, instruction_queries, tokenize_instructions
 from qformer.qformer import QFormer
 
 if TYPE_CHECKING:
@@ -90,6 +93,8 @@ def load_llm(path: str, dtype: str, *, t5_dense_act_fn: str | None = None) -> tu
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     llm = cls.from_pretrained(path, config=config, dtype=to_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if not config.is_encoder_decoder:
+        default_pad_token(tokenizer)  # LLaMA's has none
     return llm, tokenizer
 
 
@@ -102,10 +107,15 @@ class Blip2Stage2(nn.Module):
         build_visual: bool = True,
         llm: nn.Module | None = None,
         tokenizer=None,
+        qformer_tokenizer=None,
     ):
-        """llm, tokenizer: a language model and its tokenizer to use; loaded from `cfg.llm.path` when None."""
+        """llm, tokenizer: a language model and its tokenizer to use; loaded from `cfg.llm.path` when None.
+        qformer_tokenizer: the Q-Former's (BERT) tokenizer, for instructions given as text (`llm.qformer_instruction`).
+        """
         super().__init__()
-        qcfg = cfg.qformer.replace(with_text=False)  # stage 2 keeps only the query path
+        self.instruct = cfg.llm.qformer_instruction
+        # Plain stage 2 keeps only the query path; an instruction-aware one also the text embeddings and text FFN.
+        qcfg = cfg.qformer.replace(with_text=self.instruct)
         self.cfg = replace(cfg, qformer=qcfg)
         if visual is None and build_visual:
             from qformer.vision import build_vision_encoder
@@ -114,6 +124,9 @@ class Blip2Stage2(nn.Module):
         self.visual = visual
         self.ln_vision = nn.LayerNorm(qcfg.encoder_width, eps=cfg.ln_vision_eps)
         self.qformer = QFormer(qcfg)
+        if self.instruct:
+            self.qformer.lm_head = None  # it reads the instruction, never decodes text (LAVIS: `Qformer.cls = None`)
+        self.qformer_tokenizer = qformer_tokenizer
         if llm is None:
             if not cfg.llm.path:
                 raise ValueError("stage 2 needs a language model: set llm.path (a local transformers folder)")
@@ -157,8 +170,21 @@ class Blip2Stage2(nn.Module):
 
     # -- the soft prompt -----------------------------------------------------------------------------------------
 
-    def soft_prompt(self, images: Tensor | None = None, image_tokens: Tensor | None = None) -> Tensor:
-        """`[B, Q, H]` in the LLM's dtype, from images or from precomputed frozen-encoder outputs."""
+    def soft_prompt(
+        self,
+        images: Tensor | None = None,
+        image_tokens: Tensor | None = None,
+        instruction_ids: Tensor | None = None,  # [B, T_i] Q-Former tokens (`instruction_inputs`)
+        instruction_mask: Tensor | None = None,  # [B, T_i]
+    ) -> Tensor:
+        """`[B, Q, H]` in the LLM's dtype, from images or from precomputed frozen-encoder outputs; an
+        instruction-aware model (`llm.qformer_instruction`) needs the instruction's Q-Former tokens too."""
+        if (instruction_ids is not None) != self.instruct:
+            raise ValueError(
+                "this model reads an instruction: pass instruction_ids"
+                if self.instruct
+                else "instruction_ids given, but this model was built without llm.qformer_instruction"
+            )
         if (images is None) == (image_tokens is None):
             raise ValueError("pass exactly one of images or image_tokens")
         if images is not None:
@@ -166,8 +192,17 @@ class Blip2Stage2(nn.Module):
                 raise ValueError("this model has no image encoder: pass image_tokens")
             image_tokens = self.visual(images)
         image_embeds = self.ln_vision(image_tokens.float())  # [B, N, E]
-        queries = self.qformer(image_embeds=image_embeds).hidden  # [B, Q, D]
+        if self.instruct:
+            queries = instruction_queries(self.qformer, image_embeds, instruction_ids, instruction_mask)
+        else:
+            queries = self.qformer(image_embeds=image_embeds).hidden  # [B, Q, D]
         return self.llm_proj(queries).to(self.llm_dtype)
+
+    def instruction_inputs(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
+        """(ids, mask) of instructions in the Q-Former's tokens, cut from the left (`qformer.instruct`)."""
+        return tokenize_instructions(
+            self.qformer_tokenizer, instructions, self.cfg.llm.max_instruction_length, self.llm_proj.weight.device
+        )
 
     def _embed(self, ids: Tensor) -> Tensor:
         return self.llm.get_input_embeddings()(ids)
@@ -183,10 +218,12 @@ class Blip2Stage2(nn.Module):
         image_tokens: Tensor | None = None,  # [B, N, E] frozen-encoder outputs, instead of images
         decoder_input_ids: Tensor | None = None,  # [B, T_out] T5 only
         decoder_attention_mask: Tensor | None = None,  # [B, T_out] T5 only
+        instruction_ids: Tensor | None = None,  # [B, T_i] Q-Former tokens, instruction-aware models only
+        instruction_mask: Tensor | None = None,  # [B, T_i]
     ) -> Tensor:
         """The LLM's logits with the soft prompt before the text: decoder-only `[B, Q + T, V]` over
         `[soft prompt; text]`; encoder-decoder `[B, T_out, V]`, the decoder's."""
-        prompt = self.soft_prompt(images, image_tokens)
+        prompt = self.soft_prompt(images, image_tokens, instruction_ids, instruction_mask)
         embeds = torch.cat([prompt, self._embed(input_ids)], dim=1)  # [B, Q + T, H]
         ones = torch.ones(prompt.shape[:2], dtype=attention_mask.dtype, device=prompt.device)
         mask = torch.cat([ones, attention_mask], dim=1)
@@ -236,15 +273,30 @@ class Blip2Stage2(nn.Module):
         image_tokens: Tensor | None = None,
         cfg: GenerationConfig | None = None,
         return_ids: bool = False,
+        instructions: str | list[str] | None = None,
     ) -> list[str] | Tensor:
         """Text for each image (one prompt for all, or one per image), decoded with transformers' `generate`.
 
-        With `cfg.num_return_sequences` n: B*n texts, image b's at b*n ... b*n+n-1 (transformers' order).
+        instructions: what an instruction-aware model's Q-Former reads (one for all, or one per image); by default
+        the prompts, as InstructBLIP feeds the prompt to both. With `cfg.num_return_sequences` n: B*n texts, image
+        b's at b*n ... b*n+n-1 (transformers' order).
         """
         cfg = cfg or CAPTION_GENERATION
-        prompt = self.soft_prompt(images, image_tokens)
+        if (images is None) == (image_tokens is None):
+            raise ValueError("pass exactly one of images or image_tokens")
+        batch = (images if images is not None else image_tokens).shape[0]
         if isinstance(prompts, str):
-            prompts = [prompts] * prompt.shape[0]
+            prompts = [prompts] * batch
+        instruction = {}
+        if self.instruct:
+            instructions = prompts if instructions is None else instructions
+            if isinstance(instructions, str):
+                instructions = [instructions] * batch
+            ids, mask = self.instruction_inputs(instructions)
+            instruction = {"instruction_ids": ids, "instruction_mask": mask}
+        elif instructions is not None:
+            raise ValueError("instructions given, but this model was built without llm.qformer_instruction")
+        prompt = self.soft_prompt(images, image_tokens, **instruction)
         embeds, mask = self.generation_inputs(prompt, prompts)
         ids = self.llm.generate(
             inputs_embeds=embeds,
@@ -266,7 +318,8 @@ class Blip2Stage2(nn.Module):
         cfg: GenerationConfig | None = None,
     ) -> list[str]:
         """Zero-shot VQA: each question in `prompt` (exactly one `{}`: `check_vqa_prompt`), answered by beam search
-        (paper settings by default)."""
+        (paper settings by default). An instruction-aware model's Q-Former reads the same prompted question (LAVIS's
+        InstructBLIP `predict_answers` passes the formatted prompt as its `text_input`)."""
         prompts = [check_vqa_prompt(prompt).format(q) for q in questions]
         return self.generate(prompts, images=images, image_tokens=image_tokens, cfg=cfg or VQA_GENERATION)
 
@@ -277,9 +330,13 @@ LLM_PREFIX = {"ours": "llm.", "transformers": "language_model."}  # LAVIS files 
 
 
 def stage2_keys(model: Blip2Stage2) -> KeyMap:
-    """Q-Former rows plus ln_vision and the LLM projection (LAVIS: `opt_proj` or `t5_proj`)."""
-    lavis_proj = "t5_proj" if model.is_encoder_decoder else "opt_proj"
-    return QFORMER_KEYS + KeyMap(
+    """Q-Former rows plus ln_vision and the LLM projection (LAVIS: `opt_proj`, `t5_proj`, or InstructBLIP-Vicuna's
+    `llm_proj`). An instruction-aware model's "transformers" names are `InstructBlipForConditionalGeneration`'s."""
+    if model.is_encoder_decoder:
+        lavis_proj = "t5_proj"
+    else:
+        lavis_proj = "llm_proj" if model.instruct else "opt_proj"
+    return (INSTRUCT_QFORMER_KEYS if model.instruct else QFORMER_KEYS) + KeyMap(
         (
             ("ln_vision", "ln_vision", "vision_model.post_layernorm"),
             ("llm_proj", lavis_proj, "language_projection"),
@@ -332,21 +389,16 @@ def load_stage2_state(
 
 def init_from_stage1(model: Blip2Stage2, stage1_state: dict[str, Tensor], *, source: str = "stage-1") -> list[str]:
     """Start stage 2 from a stage-1 model's weights (our names): the query path and ln_vision load, the text
-    parts are dropped by name (returned and logged), the LLM projection stays fresh."""
-    text_parts = (
-        "qformer.embeddings.word.",
-        "qformer.embeddings.position.",
-        "qformer.lm_head.",
-        "vision_proj.",
-        "text_proj.",
-        "itm_head.",
-        "temp",
-    )
+    parts are dropped by name (returned and logged), the LLM projection stays fresh. An instruction-aware model
+    keeps the text embeddings and text FFN too; only the LM head and the stage-1 heads are dropped."""
+    text_parts = ("qformer.lm_head.", "vision_proj.", "text_proj.", "itm_head.", "temp")
+    if not model.instruct:  # an instruction-aware Q-Former keeps its text embeddings and text FFN (LAVIS does)
+        text_parts += ("qformer.embeddings.word.", "qformer.embeddings.position.")
     keep, dropped = {}, []
     for key, value in stage1_state.items():
         if key.startswith("visual."):
             continue  # the frozen encoder comes from its own weights
-        if key.startswith(text_parts) or ".ffn_text." in key:
+        if key.startswith(text_parts) or (".ffn_text." in key and not model.instruct):
             dropped.append(key)
         else:
             keep[key] = value

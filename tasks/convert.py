@@ -105,14 +105,18 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
     # Blip2Config.preset knows the Q-Former presets' names (the registry), each with its image encoder.
     presets = ", ".join(f"{name} ({Blip2Config.preset(name).vision.arch} image encoder)" for name in QFORMER_PRESETS)
-    c.add_argument("source", help="a LAVIS .pth file, a transformers BLIP-2 folder, or one of our checkpoint folders")
+    c.add_argument(
+        "source",
+        help="a LAVIS .pth file, a transformers BLIP-2 / InstructBLIP folder, or one of our checkpoint folders",
+    )
     c.add_argument("dest", help="the folder to write (one of ours, or a transformers folder with --to transformers)")
     c.add_argument(
         "--from",
         dest="src_fmt",
         choices=["lavis", "transformers", "ours"],
         required=True,
-        help="the source's format: lavis (a blip2_*.pth file), transformers (a Salesforce/blip2-* style folder) or "
+        help="the source's format: lavis (a blip2_*.pth file), transformers (a Salesforce/blip2-* or instructblip-* "
+        "style folder) or "
         "ours (a folder written by qformer train / convert)",
     )
     c.add_argument(
@@ -121,7 +125,8 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
         choices=["ours", "transformers"],
         default="ours",
         help="the output's format: ours (config.json + model.safetensors) or transformers (a folder "
-        "Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval loads, with its processor)",
+        "Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration / Blip2ForImageTextRetrieval loads, "
+        "with its processor)",
     )
     c.add_argument(
         "--preset",
