@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _from_lavis(args: argparse.Namespace, state: dict):
-    stage2 = any(k.startswith(("opt_proj.", "t5_proj.")) for k in state)
+    # A stage-2 file has the LLM projection: OPT's, T5's, or InstructBLIP-Vicuna's `llm_proj`.
+    stage2 = any(k.startswith(("opt_proj.", "t5_proj.", "llm_proj.")) for k in state)
+    # LAVIS drops the Q-Former's text parts from plain BLIP-2 stage-2 models; InstructBLIP keeps them.
+    instruct = stage2 and "Qformer.bert.embeddings.word_embeddings.weight" in state
     cfg = _preset(args.preset)
     vision = cfg.vision
     if args.vision_weights:
@@ -82,13 +85,31 @@ def _from_lavis(args: argparse.Namespace, state: dict):
             raise ValueError(f"{args.source} is a stage-2 file: pass --llm with the language model's folder")
         from qformer.stage2 import Blip2Stage2, load_stage2_state, read_llm_config
 
+        llm_config = read_llm_config(args.llm)
         dtype = args.llm_dtype
         if dtype is None:
-            # LAVIS runs OPT in fp16 and casts Flan-T5 to bf16 (T5 overflows in fp16).
-            dtype = "bf16" if read_llm_config(args.llm).is_encoder_decoder else "fp16"
+            # LAVIS runs OPT and Vicuna in fp16 and casts Flan-T5 to bf16 (T5 overflows in fp16).
+            dtype = "bf16" if llm_config.is_encoder_decoder else "fp16"
             logger.info("%s: frozen LLM in %s (pass --llm-dtype to choose)", args.llm, dtype)
-        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, path=args.llm, dtype=dtype))
-        model = Blip2Stage2(cfg)  # Flan-T5 with exact GELU (llm.t5_dense_act_fn), as LAVIS ran it
+        llm = dataclasses.replace(cfg.llm, path=args.llm, dtype=dtype, qformer_instruction=instruct)
+        if not llm_config.is_encoder_decoder and llm_config.model_type != "opt":
+            from transformers import AutoTokenizer
+
+            # LAVIS's Vicuna appends its eos to targets and generation stops there (OPT's captions end in "\n").
+            llm = dataclasses.replace(llm, end_of_text=AutoTokenizer.from_pretrained(args.llm).eos_token)
+        qformer_tokenizer = None
+        if instruct:
+            if not args.bert:
+                raise ValueError(
+                    f"{args.source} is an InstructBLIP file (its Q-Former reads instructions): pass --bert with the "
+                    "BERT folder whose tokenizer it reads them with"
+                )
+            from qformer.bert import load_tokenizer
+
+            qformer_tokenizer = load_tokenizer(args.bert)
+        cfg = dataclasses.replace(cfg, llm=llm)
+        # Flan-T5 with exact GELU (llm.t5_dense_act_fn), as LAVIS ran it.
+        model = Blip2Stage2(cfg, qformer_tokenizer=qformer_tokenizer)
         load_stage2_state(model, state, "lavis", source=args.source)
     else:
         from qformer.blip2 import Blip2Stage1, load_stage1_state

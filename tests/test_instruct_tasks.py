@@ -83,3 +83,38 @@ def test_vqa_eval_answers_with_the_instruction_aware_model(instruct, tmp_path):
     gen = dataclasses.replace(VQA_GENERATION, num_beams=cfg.num_beams)
     direct = model.predict_answers(list(QUESTIONS.values()), images=images, prompt=cfg.prompt, cfg=gen)
     assert results == dict(zip(QUESTIONS, [a.strip() for a in direct], strict=True))
+
+
+def test_convert_reads_a_lavis_instructblip_vicuna_file(tmp_path, capsys):
+    """A LAVIS `blip2_vicuna_instruct` layout (Q-Former text parts kept, `llm_proj`, no ViT, no LLM) converts strictly;
+    the converted model gives the original's answers, ends on LLaMA's eos and reads instructions with --bert's
+    tokenizer."""
+    from qformer.bert import load_tokenizer
+    from qformer.stage2 import stage2_state_dict
+    from qformer.vision import vision_state_dict
+    from tests.test_cli import tiny_bert_tokenizer_folder
+    from tests.test_instruct_parity import tiny_llama_folder
+
+    llama = tiny_llama_folder(tmp_path / "llama")
+    bert = tiny_bert_tokenizer_folder(tmp_path / "bert")
+    llm = LLMConfig(path=str(llama), dtype="fp32", qformer_instruction=True, end_of_text="</s>")
+    torch.manual_seed(0)
+    model = Blip2Stage2(tiny_cfg(llm=llm), qformer_tokenizer=load_tokenizer(bert)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("qformer.", "llm_proj.", "ln_vision.")):
+                p.normal_(0.0, 0.3)
+    state = stage2_state_dict(model, "lavis", include_visual=False)
+    assert "llm_proj.weight" in state and "Qformer.bert.embeddings.word_embeddings.weight" in state
+    torch.save({"model": state}, tmp_path / "blip2_vicuna_instruct.pth")
+    torch.save(vision_state_dict(model.visual, "lavis"), tmp_path / "vit.pth")
+    out = tmp_path / "ckpt"
+    args = ["convert", str(tmp_path / "blip2_vicuna_instruct.pth"), str(out), "--from", "lavis", "--preset", "tiny"]
+    args += ["--vision-weights", str(tmp_path / "vit.pth"), "--llm", str(llama), "--llm-dtype", "fp32"]
+    assert main(args) == 2 and "--bert" in capsys.readouterr().err  # instructions need the Q-Former's tokenizer
+    assert main([*args, "--bert", str(bert)]) == 0
+    back = load_pretrained(out).eval()
+    assert back.instruct and back.cfg.llm.end_of_text == "</s>"
+    images = load_images([write_jpegs(tmp_path / "images", n=1)[0]] * 2, back.cfg.vision.image_size)
+    questions = [QUESTIONS[1], QUESTIONS[2]]
+    assert back.predict_answers(questions, images=images) == model.predict_answers(questions, images=images)
