@@ -32,8 +32,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # The tests run spaCy's rule lemmatizer with English tables from spacy-lookups-data (no model download).
-        "dev": ["pytest", "ruff", "spacy>=3.7,<4", "spacy-lookups-data>=1.0"],
+        # The tests run spaCy's rule lemmatizer with English tables from spacy-lookups-data (no model download), and
+        # CapFilt's open_clip ranker on a tiny CLIP config.
+        "dev": ["pytest", "ruff", "spacy>=3.7,<4", "spacy-lookups-data>=1.0", "open_clip_torch"],
         # OK-VQA scoring lemmatises predicted answers (`lemmatize: true`) with spaCy's en_core_web_sm, which is not
         # on PyPI: pip fetches the release wheel from GitHub (or: python -m spacy download en_core_web_sm).
         "okvqa": ["spacy>=3.7,<4", f"en_core_web_sm @ {EN_CORE_WEB_SM}"],

@@ -11,6 +11,7 @@ qformer features a.jpg b.jpg --checkpoint runs/ckpt --mode image --out feats.saf
 qformer train configs/stage1_vitg.yaml optim.lr=5e-5         (the same as python -m tasks.train ...)
 qformer train configs/stage1_vitg.yaml optim.lr=5e-5 --print-config      (every key of the resolved config; no run)
 qformer eval configs/eval/retrieval_coco.yaml checkpoint=runs/x/final   (python -m tasks.evaluate ...)
+qformer capfilt configs/capfilt/laion.yaml captioner=runs/opt/final   (python -m tasks.capfilt ...)
 qformer demo --fast
 """
 
@@ -323,6 +324,12 @@ def _match_command(parser: argparse.ArgumentParser) -> None:
     _mount(parser, match)
 
 
+def _capfilt_command(parser: argparse.ArgumentParser) -> None:
+    from tasks import capfilt
+
+    _mount(parser, capfilt)
+
+
 def _demo_command(parser: argparse.ArgumentParser) -> None:
     from tasks.shapes import demo
 
@@ -357,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         load=_eval_command,
     )
     sub.add_parser("match", help="ITM probability and ITC similarity of texts with an image", load=_match_command)
+    sub.add_parser(
+        "capfilt",
+        help="bootstrapped captions for web data: sample, rank, keep the best (= python -m tasks.capfilt)",
+        load=_capfilt_command,
+    )
     sub.add_parser(
         "demo", help="the whole recipe in the shapes world, on a CPU (writes runs/shapes/report.md)", load=_demo_command
     )

@@ -99,7 +99,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_every_option_of_every_command_has_help_and_shows_its_default():
     commands = _commands()
-    assert set(commands) == {"", "convert", "caption", "ask", "features", "match", "train", "eval", "demo"}
+    assert set(commands) == {"", "convert", "caption", "ask", "features", "match", "train", "eval", "capfilt", "demo"}
     for name, parser in commands.items():
         formatter = parser._get_formatter()
         for action in parser._actions:
@@ -119,6 +119,7 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
     assert "1 = greedy (default: 5)" in shown["caption"] and "generate (default: 30)" in shown["caption"]
     assert "generate (default: 10)" in shown["ask"]
     assert "--print-config print the resolved config" in shown["train"] and "--print-config" in shown["eval"]
+    assert "--print-config" in shown["capfilt"]
 
 
 def test_bad_preset_is_one_line(capsys):

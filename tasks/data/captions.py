@@ -3,7 +3,9 @@
 Annotation files are JSON lists of ``{"image": relative path, "caption": str | [str], "image_id": any}``
 (COCO Karpathy, Visual Genome, CC3M, SBU as LAVIS ships them). Several files are concatenated; arbitrary
 image ids map to contiguous ints in order of first appearance, consistently across files (LAVIS
-`CaptionDataset.img_ids`). With a list of captions and `split_captions=True` every caption is its own sample.
+`CaptionDataset.img_ids`). With a list of captions and `split_captions=True` every caption is its own sample, except
+in an entry marked ``"sample_caption": true`` (what `qformer capfilt` writes): its captions are alternatives, one
+sample that draws one of them at each access.
 
 Annotation files are checked when read: invalid JSON, an entry without a path string in "image" or with a caption
 that is neither a string nor a list of strings is an error naming the file and the entry (`file[i]`). A caption
@@ -400,11 +402,14 @@ class CaptionDataset(Dataset):
             raw_id = ann.get("image_id", ann["image"])
             if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
                 raise ValueError(f"{ann_path}[{i}]: 'image_id' must be a string or an integer, got {raw_id!r:.200}")
+            sample_one = ann.get("sample_caption", False)
+            if not isinstance(sample_one, bool):
+                raise ValueError(f"{ann_path}[{i}]: 'sample_caption' must be true or false, got {sample_one!r:.200}")
             image_id = self.image_ids.setdefault(raw_id, len(self.image_ids))
             worded = [c for c in captions if has_words(c)]
             if len(worded) < len(captions):
                 blank.append(i)
-            if self.split_captions:
+            if self.split_captions and not sample_one:
                 for c in captions:
                     if c not in worded:
                         self.blank[len(self.samples)] = f"{ann_path}[{i}]"

@@ -208,7 +208,8 @@ class WebCaptionDataset(ResumableIterable):
         shuffle: shuffle shards per epoch and samples in a buffer of `shuffle_buffer` (False: file order).
         repeat: endless stream over epochs (training) or a single epoch.
         caption_from: where to read the caption, first present wins: ``"txt"`` (a text member) or
-            ``"json:<field>"`` (a field of the ``json`` member).
+            ``"json:<field>"`` (a field of the ``json`` member; a list of strings there is a set of alternatives,
+            one drawn per sample from the sample's own seed, as `qformer capfilt` writes its kept captions).
         max_words, prompt: caption cleaning (`clean_caption`).
         max_pending_bad: flush this many consecutive bad samples as `BadSample` items (so that a shard of
             garbage still reaches the `SkipCounter` instead of stalling the batch).
@@ -315,7 +316,7 @@ class WebCaptionDataset(ResumableIterable):
             data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
             if data is None:
                 return BadSample(path, f"no image member (has {sorted(k for k in raw if not k.startswith('__'))})")
-            caption = self._caption(raw)
+            caption = self._caption(raw, seed)
             if caption is None:
                 return BadSample(path, f"no caption in {self.caption_from}")
             if not has_words(caption):
@@ -327,7 +328,7 @@ class WebCaptionDataset(ResumableIterable):
         except Exception as exc:
             return BadSample(path, _describe(exc))
 
-    def _caption(self, raw: dict[str, Any]) -> str | None:
+    def _caption(self, raw: dict[str, Any], seed: int) -> str | None:
         for source in self.caption_from:
             if source == "txt" and "txt" in raw:
                 return raw["txt"].decode("utf-8")
@@ -335,6 +336,9 @@ class WebCaptionDataset(ResumableIterable):
                 value = json.loads(raw["json"]).get(source[len("json:") :])
                 if isinstance(value, str):
                     return value
+                if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                    # Alternatives (the kept captions `qformer capfilt` writes): one per draw, from the sample's seed.
+                    return random.Random(seed).choice(value)
         return None
 
     def _stream(self, worker: int, num_workers: int, consumed: Any) -> Iterator[dict[str, Any] | BadSample]:

@@ -1,0 +1,5 @@
+import sys
+
+from tasks.capfilt import main
+
+sys.exit(main())
