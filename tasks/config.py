@@ -30,12 +30,35 @@ from tasks.data.captions import DEFAULT_MAX_IMAGE_PIXELS
 
 @dataclass
 class DatasetConfig:
-    """One source of image-text pairs: caption JSON files (+ image root) or webdataset shards."""
+    """One source of training samples: caption JSON files (+ image root), webdataset shards, or VQAv2-format
+    questions + annotations (`kind: vqa`, `tasks.data.vqa_train`)."""
 
-    ann_paths: list[str] = field(default_factory=list)  # JSON lists of {"image", "caption", "image_id"}
+    # caption: JSON lists of {"image", "caption", "image_id"}; vqa: the official annotations files, one per questions
+    ann_paths: list[str] = field(default_factory=list)
     image_root: str = ""
     shards: str = ""  # webdataset tar shards, brace notation: /data/laion/{00000..00999}.tar
-    ratio: float = 1.0  # sampling weight when several datasets are mixed
+    ratio: float = 1.0  # sampling weight when several datasets are mixed (with data.mix=sqrt: a factor on it)
+    kind: str = "caption"  # caption | vqa
+    questions: list[str] = field(default_factory=list)  # vqa: the official questions files, paired with ann_paths
+    image_pattern: str = "COCO_train2014_{image_id:012d}.jpg"  # vqa: an image's path under image_root
+    # Instruction templates, one drawn per sample (`tasks.data.instructions`; a leading <Image> is dropped). Caption
+    # data with templates trains (template -> caption); vqa needs them, each with one {} for the question.
+    instructions: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("caption", "vqa"):
+            raise ValueError(f"data.datasets: kind must be caption or vqa, got {self.kind!r}")
+        if self.kind == "vqa":
+            if self.shards or not self.ann_paths or len(self.questions) != len(self.ann_paths):
+                raise ValueError(
+                    "data.datasets: kind vqa needs questions and ann_paths (annotations), one for one, and no shards"
+                )
+            if not self.instructions:
+                raise ValueError("data.datasets: kind vqa needs instructions, e.g. ['Question: {} Answer:']")
+        elif self.questions:
+            raise ValueError("data.datasets: questions belong to kind vqa")
+        if self.shards and self.instructions:
+            raise ValueError("data.datasets: instructions are for caption JSON or vqa datasets, not shards")
 
 
 @dataclass
@@ -48,6 +71,19 @@ class DataConfig:
     max_words: int = 50
     # Images of more pixels are refused as possible decompression bombs (skipped and counted); 0 = no limit.
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # How several JSON/vqa datasets are mixed: "ratio" (their ratios) or "sqrt" (ratio x sqrt(dataset size), as
+    # InstructBLIP samples its training sets in proportion to the square root of their sizes).
+    mix: str = "ratio"
+
+    def __post_init__(self) -> None:
+        if self.mix not in ("ratio", "sqrt"):
+            raise ValueError(f"data.mix must be ratio or sqrt, got {self.mix!r}")
+        instructed = {d.kind == "vqa" or bool(d.instructions) for d in self.datasets}
+        if len(instructed) > 1:  # a batch is either (instruction, target) pairs or captions, never both
+            raise ValueError(
+                "data.datasets: mix instruction datasets (vqa, or captions with instructions) only with "
+                "each other: give the plain caption datasets instructions too"
+            )
 
 
 @dataclass
@@ -75,6 +111,9 @@ class TrainConfig:
     model: Blip2Config = field(default_factory=Blip2Config)
     bert: str = ""  # BERT folder: initialises the Q-Former text side (stage 1) and gives the tokenizer
     init_from: str = ""  # stage 2: a stage-1 checkpoint folder (ours) to start the query path from
+    # Fine-tuning an instruction-aware model from a plain stage-2 init_from: the stage-1 checkpoint whose Q-Former
+    # text side (word/position embeddings, text FFN) the stage-2 checkpoint does not hold.
+    init_text_from: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     output_dir: str = MISSING

@@ -6,6 +6,12 @@ outputs, from the config's prompt (captioning fine-tuning: the prompt is the pre
 each caption (pretraining). The split points are drawn from a `random.Random` the caller owns: the training loop
 seeds it from the run's seed and keeps it in its checkpoints, so a resumed run draws the same split sequence.
 
+Instruction data (InstructBLIP, BLIP-2 VQA fine-tuning; batches with "text_output", `tasks.data.instructions`):
+the instruction is the LLM's input and, for an instruction-aware Q-Former, the Q-Former's too; the loss is on the
+answer only. Decoder-only: `[soft prompt; instruction; answer + end]`, each part tokenised on its own and joined
+without padding between (LAVIS `blip2_vicuna_instruct.concat_text_input_output`); T5: encoder instruction, decoder
+answer (`blip2_t5_instruct`). The instruction is cut from the left (its end holds the question), as LAVIS does.
+
 `Stage2Objective` has the interface of `tasks.stage1.Stage1Objective`, so the loop never asks which stage it runs.
 """
 
@@ -14,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,16 +61,36 @@ class Stage2Text:
 
 
 def tokenize_stage2(
-    model: Blip2Stage2, text: list[str], *, text_output: list[str] | None = None, rng: random.Random | None = None
+    model: Blip2Stage2,
+    text: list[str],
+    *,
+    text_output: list[str] | None = None,
+    rng: random.Random | None = None,
+    input_truncation: str | None = None,
 ) -> Stage2Text:
     """Tokenise captions (and T5 targets) with the model's tokenizer and its `cfg.llm` settings.
 
-    text_output: T5 decoder targets; without them T5 takes the config's prompt as prefix or, with `prefix_lm`,
-    splits each caption with `rng` (required then).
+    text_output: the targets (T5: the decoder's; decoder-only: the answers after the instructions in `text`);
+    without them T5 takes the config's prompt as prefix or, with `prefix_lm`, splits each caption with `rng`
+    (required then). input_truncation: the side `text` is cut from ("left" for instructions, as LAVIS; None:
+    the tokenizer's own).
     """
     if model.is_encoder_decoder:
-        return _t5_text(model, text, text_output, rng)
+        return _t5_text(model, text, text_output, rng, input_truncation)
+    if text_output is not None:
+        return _decoder_only_pairs(model, text, text_output, input_truncation)
     return _decoder_only_text(model, text)
+
+
+@contextmanager
+def _truncation_side(tokenizer, side: str | None) -> Iterator[None]:
+    """The tokenizer's call takes no truncation side: set it for this call only (the tokenizer is shared)."""
+    before = tokenizer.truncation_side
+    tokenizer.truncation_side = side or before
+    try:
+        yield
+    finally:
+        tokenizer.truncation_side = before
 
 
 def _decoder_only_text(model: Blip2Stage2, text: list[str]) -> Stage2Text:
@@ -85,8 +113,39 @@ def _decoder_only_text(model: Blip2Stage2, text: list[str]) -> Stage2Text:
     return Stage2Text(enc.input_ids, enc.attention_mask, torch.cat([no_loss, targets], 1))
 
 
+def _decoder_only_pairs(
+    model: Blip2Stage2, text: list[str], answers: list[str], input_truncation: str | None
+) -> Stage2Text:
+    """`[instruction; answer + end]` per sample, right-padded, labels on the answer and end token only."""
+    llm_cfg, tok = model.cfg.llm, model.tokenizer
+    if len(answers) != len(text):
+        raise ValueError(f"{len(answers)} answers for {len(text)} instructions")
+    kw = dict(truncation=True, max_length=llm_cfg.max_text_length)
+    with _truncation_side(tok, input_truncation):
+        inputs = tok(list(text), **kw).input_ids
+    with _truncation_side(tok, "right"):
+        outputs = tok([a + llm_cfg.end_of_text for a in answers], **kw).input_ids
+    n_special = len(tok("").input_ids)  # the BOS the tokenizer puts before every text: the answer's is dropped
+    rows = [(i, o[n_special:]) for i, o in zip(inputs, outputs, strict=True)]
+    width = max(len(i) + len(o) for i, o in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, IGNORE)
+    for b, (inp, out) in enumerate(rows):
+        n, m = len(inp), len(out)
+        ids[b, : n + m] = torch.tensor(inp + out, dtype=torch.long)
+        mask[b, : n + m] = 1
+        targets[b, n : n + m] = ids[b, n : n + m]
+    no_loss = torch.full((len(text), model.cfg.qformer.num_query_tokens), IGNORE, dtype=torch.long)  # the queries
+    return Stage2Text(ids, mask, torch.cat([no_loss, targets], 1))
+
+
 def _t5_text(
-    model: Blip2Stage2, text: list[str], text_output: list[str] | None, rng: random.Random | None
+    model: Blip2Stage2,
+    text: list[str],
+    text_output: list[str] | None,
+    rng: random.Random | None,
+    input_truncation: str | None = None,
 ) -> Stage2Text:
     llm_cfg = model.cfg.llm
     if text_output is None:
@@ -100,7 +159,8 @@ def _t5_text(
         else:
             raise ValueError("T5 training needs text_output, a prompt, or prefix_lm=True")
     tok = dict(padding="longest", truncation=True, max_length=llm_cfg.max_text_length, return_tensors="pt")
-    enc = model.tokenizer(text, **tok)
+    with _truncation_side(model.tokenizer, input_truncation):
+        enc = model.tokenizer(text, **tok)
     out = model.tokenizer(text_output, **tok)
     labels = out.input_ids.masked_fill(out.attention_mask == 0, IGNORE)
     return Stage2Text(
@@ -131,10 +191,18 @@ def stage2_outputs(
     image_tokens: Tensor | None = None,
     text_output: list[str] | None = None,
     rng: random.Random | None = None,
+    instructions: list[str] | None = None,
+    input_truncation: str | None = None,
 ) -> dict[str, Tensor]:
     """{"loss", "logits"}: OPT's LM loss on the caption only (logits over `[soft prompt; text]`); T5's loss on the
-    target part, given outputs, prompt or prefix-LM split (decoder logits)."""
-    batch = tokenize_stage2(model, text, text_output=text_output, rng=rng).to(model.llm_proj.weight.device)
+    target part, given outputs, prompt or prefix-LM split (decoder logits). instructions: what an instruction-aware
+    Q-Former reads (one per sample)."""
+    batch = tokenize_stage2(model, text, text_output=text_output, rng=rng, input_truncation=input_truncation)
+    batch = batch.to(model.llm_proj.weight.device)
+    instruction = {}
+    if instructions is not None:
+        ids, mask = model.instruction_inputs(list(instructions))
+        instruction = {"instruction_ids": ids, "instruction_mask": mask}
     logits = model(
         batch.input_ids,
         batch.attention_mask,
@@ -142,6 +210,7 @@ def stage2_outputs(
         image_tokens=image_tokens,
         decoder_input_ids=batch.decoder_input_ids,
         decoder_attention_mask=batch.decoder_attention_mask,
+        **instruction,
     )
     return {"loss": lm_loss(logits, batch.labels, shift=not model.is_encoder_decoder), "logits": logits}
 
@@ -155,7 +224,22 @@ class Stage2Objective:
         self.rng = random.Random(seed)
 
     def __call__(self, batch: dict) -> dict[str, Tensor]:
-        return {"loss": stage2_outputs(self.model, batch["text_input"], images=batch["image"], rng=self.rng)["loss"]}
+        text, answers = batch["text_input"], batch.get("text_output")
+        instructions = None
+        if self.model.instruct:
+            # Instruction data: the Q-Former reads the LLM's instruction; plain captions: the config's prompt (as
+            # `Blip2Stage2.generate` does when no instruction is given).
+            instructions = text if answers is not None else [self.model.cfg.llm.prompt] * len(text)
+        out = stage2_outputs(
+            self.model,
+            text,
+            images=batch["image"],
+            text_output=answers,
+            rng=self.rng,
+            instructions=instructions,
+            input_truncation=None if answers is None else "left",
+        )
+        return {"loss": out["loss"]}
 
     def state_dict(self) -> dict:
         return {"prefix_lm_rng": self.rng.getstate()}

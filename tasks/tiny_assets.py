@@ -94,6 +94,31 @@ def tiny_t5_folder(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_llama_folder(path: Path, seed: int = 0) -> Path:
+    """A tiny LLaMA (RoPE, RMSNorm, SwiGLU) with a BOS-first word tokenizer, as InstructBLIP-Vicuna runs it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        bos_token_id=EOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    _randomize(model, 0.5)
+    model.save_pretrained(path)
+    word_tokenizer("opt").save_pretrained(path)  # BOS first, like LLaMA's; Vicuna's bos/eos are both `</s>`
+    return path
+
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 SHAPES = ["square", "bar"]
 BERT_WORDS = ["a", "photo", "of", "the", "red", "green", "blue", "square", "bar", "on", "black", "background"]
@@ -145,6 +170,31 @@ def caption_dataset(root: Path, n: int = 20, seed: int = 0, corrupt: int = 0, mi
     return root / "train.json"
 
 
+def vqa_dataset(root: Path) -> tuple[Path, Path]:
+    """VQAv2-format questions and annotations (ten answers each, eight of them right) on the images `caption_dataset`
+    wrote under `root` (image_pattern "images/{image_id:03d}.jpg"). Returns (questions, annotations) paths."""
+    anns = json.loads((root / "train.json").read_text())
+    questions, annotations = [], []
+    for ann in anns:
+        colour, shape = ann["caption"].split()[1:3]
+        other = [c for c in COLOURS if c != colour]
+        for k, (question, answer, wrong) in enumerate(
+            [
+                ("what colour is the shape?", colour, other),
+                ("what shape is there?", shape, [s for s in SHAPES if s != shape]),
+            ]
+        ):
+            qid = ann["image_id"] * 10 + k
+            questions.append({"question_id": qid, "image_id": ann["image_id"], "question": question})
+            answers = [answer] * 8 + [wrong[0]] * 2
+            annotations.append(
+                {"question_id": qid, "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(answers)]}
+            )
+    (root / "vqa_questions.json").write_text(json.dumps({"questions": questions}))
+    (root / "vqa_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    return root / "vqa_questions.json", root / "vqa_annotations.json"
+
+
 def vit_weights(path: Path, arch: str, seed: int = 1) -> Path:
     """A frozen-ViT weights file in LAVIS layout (as eva_vit_g.pth / clip_vit_L.pth are), for a tiny arch."""
     from qformer.config import VisionConfig
@@ -166,6 +216,8 @@ def make_all(root: str | Path) -> Path:
     vit_weights(root / "vit_tiny.pth", "tiny")
     vit_weights(root / "vit_tiny_vitl.pth", "tiny_vitl")
     caption_dataset(root / "data", n=24)
+    tiny_llama_folder(root / "llama")
+    vqa_dataset(root / "data")
     return root
 
 

@@ -80,13 +80,18 @@ def build_model(cfg: TrainConfig):
         return model, tokenizer
     from qformer.stage2 import Blip2Stage2, init_from_stage1
 
-    model = Blip2Stage2(cfg.model)
+    qformer_tokenizer = None
+    if cfg.model.llm.qformer_instruction:  # the Q-Former reads instructions in its own (BERT) tokens
+        if not cfg.bert:
+            raise ValueError("llm.qformer_instruction needs `bert`: the BERT folder of the Q-Former's tokenizer")
+        qformer_tokenizer = load_tokenizer(cfg.bert)
+    model = Blip2Stage2(cfg.model, qformer_tokenizer=qformer_tokenizer)
     if cfg.init_from:
         from qformer.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_state_dict
 
         stage = json.loads((Path(cfg.init_from) / CONFIG_NAME).read_text())["stage"]
         if stage == "stage2":  # fine-tuning a stage-2 model (e.g. COCO captioning)
-            _load_same_stage(model, cfg.init_from)
+            _load_same_stage(model, cfg.init_from, text_from=cfg.init_text_from)
         else:
             init_from_stage1(model, read_state_dict(Path(cfg.init_from) / WEIGHTS_NAME), source=cfg.init_from)
     else:
@@ -94,14 +99,21 @@ def build_model(cfg: TrainConfig):
     return model, model.tokenizer
 
 
-def _load_same_stage(model: nn.Module, folder: str) -> None:
+def _load_same_stage(model: nn.Module, folder: str, text_from: str = "") -> None:
     """Every weight of a checkpoint of the same stage, strictly; the frozen ViT and LLM come from their own files
-    (so a ViT at another image size, e.g. 364 px fine-tuning, is resampled from `model.vision.weights`)."""
+    (so a ViT at another image size, e.g. 364 px fine-tuning, is resampled from `model.vision.weights`).
+    text_from: a stage-1 checkpoint whose Q-Former text side (embeddings, text FFN) fills what a plain stage-2
+    checkpoint lacks, for an instruction-aware model fine-tuned from it (BLIP-2 VQA fine-tuning, InstructBLIP)."""
     from qformer.checkpoint import WEIGHTS_NAME, read_state_dict
     from qformer.convert import check_state_dict
 
     state = read_state_dict(Path(folder) / WEIGHTS_NAME)
     state = {k: v for k, v in state.items() if not k.startswith(("visual.", "llm."))}
+    if text_from:
+        wanted = {k for k in model.state_dict() if k.startswith("qformer.")} - set(state)
+        text = {k: v for k, v in read_state_dict(Path(text_from) / WEIGHTS_NAME).items() if k in wanted}
+        logger.info("%d Q-Former text-side tensors from %s", len(text), text_from)
+        state.update(text)
     check_state_dict(model, state, source=folder, allowed_missing=["visual.", "llm."])
     model.load_state_dict(state, strict=False)
     logger.info("initialised from %s (%d tensors)", folder, len(state))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.config import TrainConfig
+from tasks.config import DatasetConfig, TrainConfig
 from tasks.data import (
     CaptionDataset,
     MixedDataset,
@@ -28,6 +28,8 @@ from tasks.data import (
     train_transform,
 )
 from tasks.data.captions import require_usable, set_max_image_pixels
+from tasks.data.instructions import InstructedCaptions
+from tasks.data.mix import sqrt_size_ratios
 from tasks.data.webdata import seeded_rng
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,18 @@ class SeededSamples(Dataset):
             self.dataset.load_state_dict(state)
 
 
+def _map_dataset(d: DatasetConfig, transform, max_words: int) -> Dataset:
+    """A map-style dataset for one `DatasetConfig`: captions (as instruction samples when it has templates) or VQA."""
+    if d.kind == "vqa":
+        from tasks.data.vqa_train import VQATrainDataset
+
+        return VQATrainDataset(
+            d.questions, d.ann_paths, d.image_root, d.image_pattern, transform, d.instructions, max_words=max_words
+        )
+    captions = CaptionDataset(d.ann_paths, d.image_root, transform, max_words=max_words)
+    return InstructedCaptions(captions, d.instructions) if d.instructions else captions
+
+
 class TrainLoader:
     """Endless batches for this rank, with `state_dict`/`load_state_dict` for exact resume and skip accounting."""
 
@@ -70,7 +84,9 @@ class TrainLoader:
         transform = train_transform(cfg.model.vision.image_size)
         kinds = {"shards" if d.shards else "json" for d in data.datasets}
         if len(kinds) > 1:
-            raise ValueError("mix either caption JSON datasets or webdataset shards, not both")
+            raise ValueError("mix either caption JSON (or vqa) datasets or webdataset shards, not both")
+        if kinds == {"shards"} and data.mix != "ratio":
+            raise ValueError("data.mix=sqrt needs dataset sizes: JSON or vqa datasets, not webdataset shards")
         self.streaming = kinds == {"shards"}
         self.skips = SkipCounter(max_skip_fraction=data.max_skip_fraction, min_samples=data.min_samples_before_check)
         set_max_image_pixels(data.max_image_pixels)  # before any worker starts: they inherit it
@@ -83,13 +99,14 @@ class TrainLoader:
             self.sampler = None
         else:
             for d in data.datasets:
-                for path in d.ann_paths:
+                for path in [*d.ann_paths, *d.questions]:
                     if not Path(path).is_file():
                         raise FileNotFoundError(f"annotation file not found: {path}")
-            parts = [
-                (CaptionDataset(d.ann_paths, d.image_root, transform, max_words=data.max_words), d.ratio)
-                for d in data.datasets
-            ]
+            parts = [(_map_dataset(d, transform, data.max_words), d.ratio) for d in data.datasets]
+            if data.mix == "sqrt":
+                weights = sqrt_size_ratios([len(p) for p, _ in parts], [r for _, r in parts])
+                logger.info("square-root mixing: weights %s", ", ".join(f"{w:.3f}" for w in weights))
+                parts = [(p, float(w)) for (p, _), w in zip(parts, weights, strict=True)]
             base = parts[0][0] if len(parts) == 1 else MixedDataset(parts, seed=seed)
             self.dataset = SeededSamples(base, seed)
             self.sampler = ResumableDistributedSampler(self.dataset, rank=rank, world_size=world, seed=seed)

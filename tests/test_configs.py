@@ -26,6 +26,12 @@ ORDER = [
     "stage2_flant5xxl",
     "finetune_coco_retrieval",
     "finetune_coco_caption",
+    "finetune_vqav2_opt",
+    "finetune_vqav2_flant5",
+    "instructblip_flant5xl",
+    "instructblip_flant5xxl",
+    "instructblip_vicuna7b",
+    "instructblip_vicuna13b",
 ]
 
 
@@ -43,6 +49,10 @@ def recipe(cfg) -> dict:
         "layer_decay": cfg.optim.layer_decay != 1.0,
         "grad_checkpointing": cfg.vit_grad_checkpointing,
         "init_from": bool(cfg.init_from),
+        "qformer_instruction": llm.qformer_instruction if cfg.stage == "stage2" else False,
+        "end_of_text": llm.end_of_text if cfg.stage == "stage2" else "",
+        "mix": cfg.data.mix,
+        "kinds": sorted({(d.kind, bool(d.instructions)) for d in cfg.data.datasets}),
     }
 
 

@@ -30,7 +30,13 @@ from .webdata import ResumableIterable, seed_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MixedDataset", "MixedIterableDataset", "ResumableDistributedSampler", "normalize_ratios"]
+__all__ = [
+    "MixedDataset",
+    "MixedIterableDataset",
+    "ResumableDistributedSampler",
+    "normalize_ratios",
+    "sqrt_size_ratios",
+]
 
 
 def normalize_ratios(ratios: Sequence[float]) -> np.ndarray:
@@ -38,6 +44,15 @@ def normalize_ratios(ratios: Sequence[float]) -> np.ndarray:
     if weights.ndim != 1 or len(weights) == 0 or not np.all(np.isfinite(weights)) or np.any(weights <= 0):
         raise ValueError(f"sampling ratios must be positive finite numbers, got {list(ratios)}")
     return weights / weights.sum()
+
+
+def sqrt_size_ratios(sizes: Sequence[int], ratios: Sequence[float] | None = None) -> np.ndarray:
+    """Sampling weights in proportion to the square root of each dataset's size (InstructBLIP, "Balancing Training
+    Datasets"), times an optional per-dataset factor (the paper adjusts a few by hand); normalised to sum to 1."""
+    if any(int(n) <= 0 for n in sizes):
+        raise ValueError(f"square-root mixing needs non-empty datasets, got sizes {list(sizes)}")
+    factors = normalize_ratios([1.0] * len(sizes) if ratios is None else ratios)
+    return normalize_ratios(np.sqrt(np.asarray(sizes, dtype=np.float64)) * factors)
 
 
 def _quotas(weights: np.ndarray, total: int) -> np.ndarray:
