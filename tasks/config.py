@@ -179,20 +179,30 @@ def read_yaml(path: str | Path) -> DictConfig:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """A validated TrainConfig from a YAML file plus `key=value` overrides (the YAML may be None)."""
+def load_structured(schema_of, path: str | Path | None, overrides: list[str] = ()):
+    """A validated config dataclass from a YAML file plus `key=value` overrides (the YAML may be None), every
+    problem a one-line `ConfigError` naming the file and key. `schema_of(raw, cli)` gives the dataclass
+    class (or an instance, for defaults chosen by the config itself) to merge onto."""
     raw = read_yaml(path) if path else OmegaConf.create({})
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
-        preset = cli.get("model_preset", raw.get("model_preset", "paper"))
-        schema = OmegaConf.structured(TrainConfig(model=Blip2Config.preset(preset), model_preset=preset))
-        merged = OmegaConf.merge(schema, raw, cli)
+        merged = OmegaConf.merge(OmegaConf.structured(schema_of(raw, cli)), raw, cli)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         # OmegaConf names the key (full path) and the offending value/type; keep that, drop its traceback.
         raise ConfigError(f"{path or 'config'}: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})") from e
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """A validated TrainConfig from a YAML file plus `key=value` overrides (the YAML may be None)."""
+
+    def schema(raw, cli) -> TrainConfig:
+        preset = cli.get("model_preset", raw.get("model_preset", "paper"))
+        return TrainConfig(model=Blip2Config.preset(preset), model_preset=preset)
+
+    return load_structured(schema, path, overrides)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

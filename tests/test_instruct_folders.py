@@ -12,9 +12,9 @@ from qformer.caption import GenerationConfig
 from qformer.checkpoint import load_pretrained
 from qformer.hf_folders import export_stage2, load_transformers_folder
 from qformer.stage2 import Blip2Stage2
-from tasks.tiny_assets import tiny_bert_folder
+from tasks.tiny_assets import tiny_bert_folder, tiny_llama_folder
 from tests.llm_helpers import EOS, tiny_t5_folder
-from tests.test_instruct_parity import INSTRUCTIONS, PROMPTS, _images, _instruct_cfg, tiny_llama_folder
+from tests.test_instruct_parity import INSTRUCTIONS, PROMPTS, _images, _instruct_cfg
 
 
 @pytest.fixture(scope="module", params=["t5", "llama"])

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
 
 from qformer.caption import GenerationConfig
 from qformer.checkpoint import load_pretrained, save_pretrained
@@ -16,8 +16,9 @@ from qformer.config import Blip2Config, LLMConfig
 from qformer.convert import CheckpointError
 from qformer.stage2 import Blip2Stage2, init_from_stage1, stage2_state_dict
 from tasks.stage2 import lm_loss
-from tasks.tiny_assets import tiny_bert_folder
-from tests.llm_helpers import EOS, IMAGE, PAD, VOCAB, tiny_t5_folder, word_tokenizer
+from tasks.tiny_assets import tiny_bert_folder, tiny_llama_folder
+from tests.llm_helpers import EOS, IMAGE, PAD, tiny_t5_folder, word_tokenizer
+from tests.test_stage2 import _image_ids, _images
 
 ATOL = 1e-5
 PROMPTS = ["Question: what colour is the cat? Short answer:", "a photo of", "Question: how many dog are there?"]
@@ -25,31 +26,6 @@ PROMPTS = ["Question: what colour is the cat? Short answer:", "a photo of", "Que
 INSTRUCTIONS = ["a photo of the red square on black background", "the bar", "a green square on the blue bar"]
 TEXTS = ["a photo of the cat", "two red dog sitting on the grass", "a bird"]
 T5_OUTPUTS = ["cat", "on the grass", "a small bird in the sky"]
-
-
-def tiny_llama_folder(path):
-    """A tiny LLaMA (RoPE, RMSNorm, SwiGLU) with a BOS-first word tokenizer, as InstructBLIP-Vicuna runs it."""
-    cfg = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(path)
-    word_tokenizer("opt").save_pretrained(path)  # BOS first, like LLaMA's; Vicuna's bos/eos are both `</s>`
-    return path
 
 
 def _instruct_cfg(folder, kind: str) -> Blip2Config:
@@ -112,23 +88,6 @@ def pair(request, tmp_path_factory):
     theirs = InstructBlipForConditionalGeneration(_hf_config(ours)).eval()
     theirs.load_state_dict(stage2_state_dict(ours, "transformers"), strict=True)  # no missing, no unexpected
     return ours, theirs, kind
-
-
-def _images(n=3):
-    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(5))
-
-
-def _image_ids(rows: list[list[int]], queries: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' input: `queries` image placeholders before each row's tokens, padded on `side`."""
-    rows = [[IMAGE] * queries + r for r in rows]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[b, span] = torch.tensor(r)
-        mask[b, span] = 1
-    return ids, mask
 
 
 def test_instructions_are_padded_and_differ_in_length(pair):

@@ -16,7 +16,7 @@ from qformer.stage2 import VQA_GENERATION, Blip2Stage2
 from tasks.cli import load_images, main
 from tasks.evals.config import EvalConfig
 from tasks.evals.vqa import evaluate_vqa
-from tasks.tiny_assets import tiny_bert_folder
+from tasks.tiny_assets import tiny_bert_folder, tiny_llama_folder
 from tests.llm_helpers import tiny_opt_folder
 from tests.test_cli import tiny_cfg, write_jpegs
 
@@ -93,7 +93,6 @@ def test_convert_reads_a_lavis_instructblip_vicuna_file(tmp_path, capsys):
     from qformer.stage2 import stage2_state_dict
     from qformer.vision import vision_state_dict
     from tests.test_cli import tiny_bert_tokenizer_folder
-    from tests.test_instruct_parity import tiny_llama_folder
 
     llama = tiny_llama_folder(tmp_path / "llama")
     bert = tiny_bert_tokenizer_folder(tmp_path / "bert")

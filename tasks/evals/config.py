@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
 from qformer.dtypes import DTYPES
-from tasks.config import ConfigError, read_yaml
+from tasks.config import load_structured
 from tasks.data.captions import DEFAULT_MAX_IMAGE_PIXELS
 
 TASKS = ("retrieval", "vqa", "gqa", "caption")
@@ -82,11 +81,4 @@ class EvalConfig:
 
 def load_eval_config(path: str | None, overrides: list[str] = ()) -> EvalConfig:
     """A validated EvalConfig from a YAML file plus `key=value` overrides (the YAML may be None)."""
-    raw = read_yaml(path) if path else OmegaConf.create({})
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EvalConfig), raw, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path or 'config'}: {str(e).splitlines()[0]} (key: {getattr(e, 'full_key', '?')})") from e
-    except ValueError as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from e
+    return load_structured(lambda raw, cli: EvalConfig, path, overrides)
