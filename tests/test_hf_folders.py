@@ -41,7 +41,7 @@ from qformer.stage2 import Blip2Stage2
 from qformer.vision import build_vision_encoder, load_vision_weights, vision_state_dict
 from tasks.stage2 import stage2_outputs
 from tests.helpers import hf_blip2_config, hf_qformer_config, randomized, tiny_config
-from tests.llm_helpers import EOS, IMAGE, SPECIALS, VOCAB, WORDS, tiny_opt_folder, tiny_t5_folder
+from tests.llm_helpers import EOS, IMAGE, SPECIALS, TINY_VISION, VOCAB, WORDS, tiny_opt_folder, tiny_t5_folder
 
 CAPTIONS = ["a photo of the cat", "two red dog sitting on the grass", "a bird"]
 PROMPTS = ["Question: what colour is the cat? Short answer:", "a photo of", "Question: how many dog are there?"]
@@ -184,14 +184,7 @@ def _folder_from_transformers(kind: str, root, *, max_shard_size="5GB"):
     """A BLIP-2 folder as `save_pretrained` writes it, every parameter re-randomised (query tokens included)."""
     llm = tiny_opt_folder(root / "llm") if kind == "opt" else tiny_t5_folder(root / "llm")
     hf_cfg = HFBlip2Config(
-        vision_config=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
+        vision_config=TINY_VISION,
         qformer_config=hf_qformer_config(tiny_config(), text=False).to_dict(),
         text_config=AutoConfig.from_pretrained(llm).to_dict(),
         num_query_tokens=4,

@@ -17,7 +17,7 @@ from qformer.convert import CheckpointError
 from qformer.stage2 import Blip2Stage2, init_from_stage1, stage2_state_dict
 from tasks.stage2 import lm_loss
 from tasks.tiny_assets import tiny_bert_folder, tiny_llama_folder
-from tests.llm_helpers import EOS, IMAGE, PAD, tiny_t5_folder, word_tokenizer
+from tests.llm_helpers import EOS, IMAGE, PAD, TINY_VISION, tiny_t5_folder, word_tokenizer
 from tests.test_stage2 import _image_ids, _images
 
 ATOL = 1e-5
@@ -41,14 +41,7 @@ def _instruct_cfg(folder, kind: str) -> Blip2Config:
 def _hf_config(ours: Blip2Stage2) -> InstructBlipConfig:
     q = ours.cfg.qformer
     return InstructBlipConfig(
-        vision_config=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
+        vision_config=TINY_VISION,
         qformer_config=dict(
             vocab_size=q.vocab_size,
             hidden_size=q.hidden_size,

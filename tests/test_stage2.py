@@ -17,7 +17,7 @@ from qformer.config import Blip2Config, LLMConfig
 from qformer.stage2 import Blip2Stage2, init_from_stage1, stage2_state_dict
 from tasks.stage2 import stage2_outputs
 from tests.helpers import hf_qformer_config, randomized
-from tests.llm_helpers import EOS, IMAGE, PAD, tiny_opt_folder, tiny_t5_folder, word_tokenizer
+from tests.llm_helpers import EOS, IMAGE, PAD, TINY_VISION, tiny_opt_folder, tiny_t5_folder, word_tokenizer
 
 CAPTIONS = ["a photo of the cat", "two red dog sitting on the grass", "a bird"]
 PROMPTS = ["Question: what colour is the cat? Short answer:", "a photo of", "Question: how many dog are there?"]
@@ -49,14 +49,7 @@ def pair(request, tmp_path_factory):
     ours.eval()
     qcfg = ours.cfg.qformer
     hf_cfg = HFBlip2Config(
-        vision_config=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
+        vision_config=TINY_VISION,
         qformer_config=hf_qformer_config(qcfg, text=False).to_dict(),
         text_config=ours.llm.config.to_dict(),
         num_query_tokens=qcfg.num_query_tokens,

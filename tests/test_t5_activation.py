@@ -25,7 +25,7 @@ from tasks.config import ConfigError, load_config
 from tasks.stage2 import stage2_outputs
 from tasks.tiny_assets import vit_weights
 from tests.helpers import hf_qformer_config, randomized, tiny_config
-from tests.llm_helpers import IMAGE, tiny_opt_folder, tiny_t5_folder, word_tokenizer
+from tests.llm_helpers import IMAGE, TINY_VISION, tiny_opt_folder, tiny_t5_folder, word_tokenizer
 
 CAPTIONS = ["a photo of the cat", "two red dog sitting on the grass", "a bird"]
 OUTPUTS = ["cat", "on the grass", "a small bird in the sky"]
@@ -34,12 +34,6 @@ OUTPUTS = ["cat", "on the grass", "a small bird in the sky"]
 # matching comparison, so a model that kept gelu_new can pass for neither.
 MIN_ACTIVATION_EFFECT = 1e-4
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-# transformers' side of the "tiny" image encoder (its ViT eps, 1e-6, is the default of Blip2VisionConfig).
-TINY_VISION = dict(
-    hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14
-)
 
 
 def _cfg(llm: LLMConfig, **changes) -> Blip2Config:
