@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.config import QFormerConfig
+from qformer.flops import absorbed_is_cheaper
 from qformer.masks import cross_attention_mask, self_attention_mask
 
 logger = logging.getLogger(__name__)
@@ -184,11 +185,7 @@ class Attention(nn.Module):
     def _absorb(self, length: int, context_length: int) -> bool:
         if self.impl != "auto":
             return self.impl == "absorbed"
-        d = self.q.out_features // self.num_heads
-        # Multiply-adds per sample: absorbed H*L*(2*N*E + 2*d*E) against direct 2*N*E*D + 2*H*L*N*d.
-        absorbed = self.num_heads * length * (context_length + d)
-        direct = context_length * (self.q.out_features + self.num_heads * length * d / self.k.in_features)
-        return absorbed < direct
+        return absorbed_is_cheaper(self.num_heads, self.q.out_features, self.k.in_features, length, context_length)
 
     def _attend_absorbed(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         """Cross-attention without forming image keys and values; returns the heads' outputs `[B, L, D]`.

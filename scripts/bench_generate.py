@@ -168,7 +168,7 @@ def bench_stage1(args) -> None:
         )
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="encoder + Q-Former + LLM shapes")
     p.add_argument("--llm-size", choices=sorted(LLM_SIZES), help="override the LLM shape (2.7b: OPT-2.7B)")
@@ -182,12 +182,16 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="frozen ViT and LLM precision")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--stage1", action="store_true", help="time the stage-1 model's captioning instead (no LLM)")
-    args = p.parse_args()
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Prints the table; returns {task: {unit, ours, transformers, ratio, same}} (per second; --stage1: {} )."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stage1:
         bench_stage1(args)
-        return
+        return {}
     register_bench_arch()
 
     ours = build_ours(args)
@@ -260,6 +264,7 @@ def main() -> None:
         ),
     }
     print(f"{'task':<40} {'unit':<11} {'ours':>8} {'transformers':>13} {'ours/theirs':>12}  same text")
+    results: dict = {}
     for name, (ours_fn, hf_fn, unit) in tasks.items():
         (ours_t, hf_t), (out_ours, out_hf) = timed_pair((ours_fn, hf_fn), args.device, args.warmup, args.repeats)
         t_ours, t_hf = statistics.median(ours_t), statistics.median(hf_t)
@@ -272,6 +277,19 @@ def main() -> None:
             f"{'':<40} per batch: median {t_ours * 1e3:.0f} vs {t_hf * 1e3:.0f} ms, "
             f"min {min(ours_t) * 1e3:.0f} vs {min(hf_t) * 1e3:.0f} ms ({len(ours_t)} runs each)"
         )
+        key = "captions" if name.startswith("captions") else "vqa"
+        results[key] = {
+            "unit": unit,
+            "ours": args.batch / t_ours,
+            "transformers": args.batch / t_hf,
+            "ratio": t_hf / t_ours,
+            "same_text": f"{same}/{args.batch}",
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

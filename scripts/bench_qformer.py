@@ -60,7 +60,7 @@ def timed(fn, repeats: int, warmup: int, device: str) -> list[float]:
     return times
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", help="Q-Former preset (paper: 768 wide, 12 layers, 32 queries)")
     p.add_argument("--batch", type=int, default=8)
@@ -71,7 +71,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    args = p.parse_args()
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Prints the table; returns {phase: {ours_ms, theirs_ms, ratio}} (+ peak_gib on CUDA)."""
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -110,6 +114,7 @@ def main() -> None:
         f"threads {torch.get_num_threads()}, transformers attention {args.attn}"
     )
     print(f"{'phase':<22}{'ours ms':>10}{'theirs ms':>11}{'ratio':>8}")
+    results: dict = {}
     for phase, mode, a, b in (
         ("forward (eval)", "eval", fwd_ours, fwd_theirs),
         ("forward+backward", "train", train_ours, train_theirs),
@@ -123,8 +128,15 @@ def main() -> None:
             t_b += timed(b, 1, args.warmup if not t_b else 0, args.device)
         ma, mb = statistics.median(t_a) * 1e3, statistics.median(t_b) * 1e3
         print(f"{phase:<22}{ma:>10.1f}{mb:>11.1f}{mb / ma:>8.2f}")
+        results[mode] = {"ours_ms": ma, "theirs_ms": mb, "ratio": mb / ma}
     if args.device == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak GPU memory: {results['peak_gib']:.2f} GiB")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,28 +20,11 @@ import torch
 from qformer.blip2 import Blip2Stage1
 from qformer.config import Blip2Config
 from qformer.dtypes import DTYPES
+from qformer.flops import stage1_train_flops
 from tasks.stage1 import stage1_losses
 
 
-def stage1_flops(model: Blip2Stage1, batch: int, text_len: int) -> float:
-    """Model FLOPs of one step: 2*params*tokens forward (x3 with backward for trainable parts).
-
-    The ViT is frozen: forward only. Q-Former passes: queries (ITC), text (ITC), joint 3B (ITM), text decode
-    (ITG); cross-attention reads the N image tokens in the query and ITM passes.
-    """
-    cfg = model.cfg
-    vit = sum(p.numel() for p in model.visual.parameters())
-    n_img = model.visual.num_tokens()
-    q = cfg.qformer.num_query_tokens
-    layer = 12 * cfg.qformer.hidden_size**2  # self-attention + FFN per token, multiply-adds x 2 below
-    cross = 2 * cfg.qformer.encoder_width * cfg.qformer.hidden_size  # image K/V per image token and cross layer
-    n_cross = sum(cfg.qformer.has_cross_attention(i) for i in range(cfg.qformer.num_layers))
-    tokens = batch * q + batch * text_len + 3 * batch * (q + text_len) + batch * text_len
-    qformer = 2 * tokens * layer * cfg.qformer.num_layers + 2 * 4 * batch * n_img * cross * n_cross
-    return 2 * vit * batch * n_img + 3 * qformer
-
-
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", help="BLIP-2 preset: paper (EVA ViT-g), paper_vitl, tiny")
     p.add_argument("--batch", type=int, default=2)
@@ -50,10 +33,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype and frozen ViT precision")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense peak, for MFU (GPU)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="the device's dense peak, for MFU (0: tasks.throughput's table)"
+    )
     p.add_argument("--world", type=int, default=16, help="world size for the ITM traffic estimate")
     p.add_argument("--world-batch", type=int, default=100, help="per-GPU batch for the ITM traffic estimate")
-    args = p.parse_args()
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Prints the report; returns step_ms, samples_per_s, tflops_per_s, mfu (None without a peak), peak_gib."""
+    from tasks.throughput import device_peak_tflops
 
     cfg = Blip2Config.preset(args.preset)
     vision = dataclasses.replace(cfg.vision, precision=args.dtype if args.device != "cpu" else "fp32")
@@ -97,13 +87,19 @@ def main() -> None:
     )
     print(f"step {median * 1e3:.0f} ms (median of {len(times)}), {args.batch / median:.2f} images/s")
     print("losses: " + ", ".join(f"{k} {v.item():.3f}" for k, v in losses.items()))
+    flops = stage1_train_flops(cfg, args.text_len, global_batch=args.batch).total * args.batch  # qformer.flops
+    tflops = flops / median / 1e12
+    peak = device_peak_tflops(torch.device(args.device), args.peak_tflops or None)
+    result = {"step_ms": median * 1e3, "samples_per_s": args.batch / median, "tflops_per_s": tflops}
+    result["mfu"] = tflops / peak if peak else None
+    print(f"model FLOPs/step {flops / 1e12:.3g} T, achieved {tflops:.3g} TFLOP/s", end="")
+    print(f", MFU {result['mfu']:.1%}" if peak else "")
     if args.device == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        flops = stage1_flops(model, args.batch, args.text_len)
-        print(f"model FLOPs/step {flops / 1e12:.2f} T, achieved {flops / median / 1e12:.1f} TFLOP/s", end="")
-        print(f", MFU {flops / median / 1e12 / args.peak_tflops:.1%}" if args.peak_tflops else "")
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak GPU memory: {result['peak_gib']:.2f} GiB")
     else:
-        print(f"peak process memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"peak process memory (RSS): {result['peak_gib']:.2f} GiB")
 
     # ITM negative images: what one rank receives per step (fp32 ln_vision outputs, as in the reference).
     w, b = args.world, args.world_batch
@@ -113,6 +109,11 @@ def main() -> None:
         f"{(w - 1) * b * row / 2**30:.2f} GiB (+ the same again in backward); ours about "
         f"{b * (w - 1) / w * row / 2**30:.3f} GiB (only the {b} drawn rows, most from other ranks)"
     )
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

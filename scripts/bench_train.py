@@ -25,18 +25,29 @@ from tasks.train import TrainStep, build_model, build_objective, freeze_redundan
 WORDS = "a photo of the red green blue square bar on black background".split()
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args()
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Prints the report; returns what `time_steps` does."""
     cfg = load_config(args.config, ["output_dir=/tmp/bench_train", *args.overrides])
-    device = torch.device(args.device)
     torch.manual_seed(0)
     model, tokenizer = build_model(cfg)
+    return time_steps(model, tokenizer, cfg, torch.device(args.device), args.steps, args.warmup, name=args.config)
+
+
+def time_steps(model, tokenizer, cfg, device: torch.device, steps: int, warmup: int, name: str = "") -> dict:
+    """Time `steps` optimizer steps of `model` (built as tasks.train builds it, for the TrainConfig `cfg`) after
+    `warmup`; prints and returns step_ms, samples_per_s, tflops_per_s, mfu (None without a known peak), peak_gib."""
+    from tasks.throughput import device_peak_tflops, train_flops_per_sample
+
     model.to(device).train()
     freeze_redundant(model)
     if cfg.vit_grad_checkpointing and model.visual is not None and not cfg.model.vision.frozen:
@@ -55,7 +66,7 @@ def main() -> None:
         }
 
     times = []
-    for i in range(args.warmup + args.steps):
+    for i in range(warmup + steps):
         data = batch()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -67,20 +78,34 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= args.warmup:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     median = sorted(times)[len(times) // 2]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     print(
-        f"{args.config}: {cfg.stage}, {trainable / 1e6:.1f}M trainable + {frozen / 1e6:.1f}M frozen, batch {b}, "
+        f"{name}: {cfg.stage}, {trainable / 1e6:.1f}M trainable + {frozen / 1e6:.1f}M frozen, batch {b}, "
         f"{size} px, {cfg.precision}, {device}"
     )
     print(f"step {median * 1e3:.1f} ms (median of {len(times)}), {b / median:.1f} samples/s, loss {loss.item():.3f}")
+    flops = train_flops_per_sample(cfg, model)
+    peak = device_peak_tflops(device, cfg.peak_tflops)
+    tflops = flops.total * b / median / 1e12
+    result = {"step_ms": median * 1e3, "samples_per_s": b / median, "tflops_per_s": tflops}
+    result["mfu"] = tflops / peak if peak else None
+    print(f"model FLOPs per sample: {flops.describe()}; {tflops:.3g} TFLOP/s", end="")
+    print(f", MFU {result['mfu']:.1%}" if peak else "")
     if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak GPU memory {result['peak_gib']:.2f} GiB")
     else:
-        print(f"peak process memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        result["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"peak process memory (RSS) {result['peak_gib']:.2f} GiB")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -136,8 +136,13 @@ class TrainConfig:
     # [0.001, 0.5] clamps it before every step, as LAVIS's BLIP-1 and ALBEF do.
     itc_temp_clamp: list[float] | None = None
     tensorboard: bool = True
+    # The accelerator's dense peak in TFLOP/s, for the logged `mfu`; null takes it from tasks.throughput's table
+    # (A100, H100, H200 bf16) on CUDA, and logs no mfu elsewhere.
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf:
+            raise ValueError(f"peak_tflops must be null or a positive number of TFLOP/s, got {self.peak_tflops!r}")
         if self.stage not in ("stage1", "stage2"):
             raise ValueError(f"stage must be stage1 or stage2, got {self.stage!r}")
         if self.precision not in ("bf16", "fp16", "fp32"):

@@ -42,6 +42,7 @@ from tasks.config import TrainConfig, load_config, to_yaml
 from tasks.dist import setup_distributed, teardown_distributed
 from tasks.optim import build_optimizer, set_lr
 from tasks.run_folder import json_line, lock_run_folder, start_log, truncate_log
+from tasks.throughput import device_peak_tflops, throughput_fields, train_flops_per_sample
 from tasks.train_data import build_loader
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,9 @@ def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
     if cfg.vit_grad_checkpointing and getattr(model, "visual", None) is not None:
         model.visual.model.set_grad_checkpointing(True)
     objective = build_objective(cfg, model, tokenizer, rank)
+    flops = train_flops_per_sample(cfg, model, world)
+    peak = device_peak_tflops(device, cfg.peak_tflops)
+    logger.info("model FLOPs per sample (training): %s; peak %s TFLOP/s", flops.describe(), peak)
     step_module = TrainStep(model, objective)
     ddp = step_module
     if world > 1:
@@ -227,6 +231,7 @@ def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
         batches = iter(loader)
         window_t, window_n, non_finite = time.perf_counter(), 0, counters.get("non_finite_steps", 0)
         streak = 0  # consecutive non-finite steps, for the divergence policy
+        speed: dict[str, float] = {}
         model.train()
         for step in range(start + 1, cfg.optim.total_steps + 1):
             lr = set_lr(optimizer, step, cfg)
@@ -242,7 +247,7 @@ def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
                 (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in losses.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.optim.grad_accum
-                window_n += batch["image"].shape[0] * world
+                window_n += batch["image"].shape[0]  # this rank's
                 if ids_file:
                     ids_file.write(json.dumps({"step": step, "image_id": batch["image_id"].tolist()}) + "\n")
             finite = torch.tensor(float(math.isfinite(totals["loss"])), device=device)
@@ -269,7 +274,8 @@ def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
 
             if rank == 0 and (step % cfg.log_every == 0 or step == cfg.optim.total_steps):
                 now = time.perf_counter()
-                record = {"step": step, "lr": lr, **totals, "samples_per_s": window_n / max(now - window_t, 1e-9)}
+                speed = throughput_fields(window_n, now - window_t, world, flops.total, peak)
+                record = {"step": step, "lr": lr, **totals, **speed}
                 record.update({"skipped_samples": loader.skipped, "non_finite_steps": non_finite})
                 log_file.write(json_line(record))
                 log_file.flush()
@@ -280,7 +286,8 @@ def _train(cfg: TrainConfig, device: torch.device, out: Path) -> Path:
                 window_t, window_n = now, 0
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{totals['loss']:.3f}", lr=f"{lr:.2e}")
+                shown = {k: f"{speed[k]:.3g}" for k in ("samples_per_s_total", "tflops_per_s", "mfu") if k in speed}
+                bar.set_postfix(loss=f"{totals['loss']:.3f}", lr=f"{lr:.2e}", **shown)
             if streak and cfg.max_nonfinite_steps and streak >= cfg.max_nonfinite_steps:
                 raise TrainingDiverged(_diverged(out, step, streak, totals["loss"], cfg))
             # No checkpoint of non-finite weights, nor on a non-finite step (but at the end): with keep_last they
