@@ -194,24 +194,55 @@ class Attention(nn.Module):
         of a row, which softmax ignores. Values: `P (X Wv_h + bv_h) = (P X) Wv_h + rowsum(P) bv_h`. So the key
         projection moves onto the L queries and the value projection after the weighted sum: with 32 queries
         over 257 x 1408 ViT-g tokens this is about half the multiply-adds of the direct form.
+
+        Score rows are (query, head) pairs, not (head, query): the per-head products then read and write their
+        `[B, L, H, E]` operands in place (`_heads_matmul`), where the head-major order cost two permute copies of
+        them per layer, more time than the saved multiply-adds.
         """
-        h = self.num_heads
+        h, (b, length, _), (n, width) = self.num_heads, x.shape, context.shape[1:]
         d = self.q.out_features // h
-        width = context.shape[-1]
-        q = self._split_heads(self.q(x))  # [B, H, L, d]
-        wk = self.k.weight.view(h, d, width)  # [H, d, E]
-        wv = self.v.weight.view(h, d, width)
-        qk = torch.einsum("bhld,hde->bhle", q, wk.to(q.dtype))  # [B, H, L, E]
-        scores = qk.flatten(1, 2) @ context.transpose(1, 2).to(qk.dtype) * d**-0.5  # [B, H*L, N]
+        q = (self.q(x) * d**-0.5).view(b * length, h, d).transpose(0, 1)  # [H, B*L, d]; the scale is a power of 2
+        # Large intermediates ([B, L, H, E]) are not kept in locals: freed at once, the next one reuses their pages.
+        qk = _heads_matmul(q, self.k.weight.view(h, d, width).to(q.dtype)).view(b, length * h, width)
+        scores = qk @ context.transpose(1, 2).to(qk.dtype)  # [B, L*H, N]
+        del qk
         if mask is not None:
             scores = scores + mask.flatten(1, 2).to(scores.dtype)  # [B, 1, N] over every head and query
         p = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-        if self.training and self.dropout_p:
-            p = F.dropout(p, self.dropout_p)
-        px = (p @ context.to(p.dtype)).unflatten(1, (h, -1))  # [B, H, L, E]
-        a = torch.einsum("bhle,hde->bhld", px, wv.to(px.dtype))  # [B, H, L, d]
-        a = a + p.sum(-1).unflatten(1, (h, -1))[..., None] * self.v.bias.view(h, 1, d).to(a.dtype)
-        return a.transpose(1, 2).flatten(2)  # [B, L, D]
+        dropped = self.training and self.dropout_p
+        if dropped:  # drawn in the direct form's [B, H, L, N] order, so a seed drops the same weights in both
+            p = F.dropout(p.view(b, length, h, n).transpose(1, 2).contiguous(), self.dropout_p)
+            p = p.transpose(1, 2).reshape(b, length * h, n)
+        px = (p @ context.to(p.dtype)).view(b * length, h, width).transpose(0, 1)  # [H, B*L, E]
+        a = _heads_matmul(px, self.v.weight.view(h, d, width).transpose(1, 2).to(px.dtype))  # [B*L, H, d]
+        del px
+        bias = self.v.bias.view(h, d).to(a.dtype)  # rows of P sum to 1 unless dropout removed some weights
+        a = a + (p.sum(-1).view(b * length, h, 1) * bias if dropped else bias)
+        return a.view(b, length, h * d)  # [B, L, D]
+
+
+class _HeadsMatmul(torch.autograd.Function):
+    """Per-head products `[H, M, K] @ [H, K, N]` returned as `[M, H, N]`: `bmm` writes each head's result
+    straight into its strided slot (and reads the gradient from there), so nothing is permuted into place."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, w: Tensor) -> Tensor:  # [H, M, K], [H, K, N] -> [M, H, N]
+        ctx.save_for_backward(a, w)
+        out = a.new_empty(a.shape[1], a.shape[0], w.shape[2])
+        torch.bmm(a, w, out=out.transpose(0, 1))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        a, w = ctx.saved_tensors
+        g = grad.transpose(0, 1)  # [H, M, N]
+        grad_a = torch.bmm(g, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(a.transpose(1, 2), g) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_w
+
+
+def _heads_matmul(a: Tensor, w: Tensor) -> Tensor:  # [H, M, K], [H, K, N] -> [M, H, N]
+    return _HeadsMatmul.apply(a, w)
 
 
 class FeedForward(nn.Module):
