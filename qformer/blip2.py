@@ -99,8 +99,14 @@ class Blip2Stage1(nn.Module):
     def embed_image_tokens(self, tokens: Tensor) -> Tensor:  # frozen encoder output [B, N, E] -> [B, N, E]
         return self.ln_vision(tokens.float())
 
-    def image_features(self, image_embeds: Tensor, *, use_cache: bool = True) -> ImageFeatures:
-        out = self.qformer(image_embeds=image_embeds, use_cache=use_cache)
+    def image_features(
+        self,
+        image_embeds: Tensor | None = None,
+        *,
+        use_cache: bool = True,
+        image_kv: list[tuple[Tensor, Tensor] | None] | None = None,  # instead of image_embeds (QFormer.forward)
+    ) -> ImageFeatures:
+        out = self.qformer(image_embeds=image_embeds, use_cache=use_cache, image_kv=image_kv)
         feats = F.normalize(self.vision_proj(out.hidden), dim=-1)  # [B, Q, P]
         return ImageFeatures(out.hidden, feats, out.cache)
 
@@ -108,14 +114,26 @@ class Blip2Stage1(nn.Module):
         out = self.qformer(input_ids, attention_mask).hidden  # [B, T, D]
         return TextFeatures(out, F.normalize(self.text_proj(out[:, 0]), dim=-1))
 
-    def multimodal_output(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def multimodal_output(
+        self,
+        image_embeds: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        image_kv: list[tuple[Tensor, Tensor] | None] | None = None,  # instead of image_embeds (QFormer.forward)
+    ) -> Tensor:
         """Query outputs `[B, Q, D]` of the bidirectional joint pass (ITM)."""
-        hidden = self.qformer(input_ids, attention_mask, image_embeds=image_embeds).hidden
+        hidden = self.qformer(input_ids, attention_mask, image_embeds=image_embeds, image_kv=image_kv).hidden
         return hidden[:, : self.cfg.qformer.num_query_tokens]
 
-    def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def itm_logits(
+        self,
+        image_embeds: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        image_kv: list[tuple[Tensor, Tensor] | None] | None = None,
+    ) -> Tensor:
         """`[B, 2]`: the ITM head on every query output, averaged over the queries."""
-        return self.itm_head(self.multimodal_output(image_embeds, input_ids, attention_mask)).mean(dim=1)
+        return self.itm_head(self.multimodal_output(image_embeds, input_ids, attention_mask, image_kv)).mean(dim=1)
 
     def itg_logits(self, cache: KVCache, decoder_input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
         """`[B, T, V]`: `[DEC]`-led text decoded causally against the queries' cache (gradients reach the queries)."""

@@ -101,9 +101,12 @@ def absorbed_is_cheaper(heads: int, hidden: int, width: int, length: int, contex
     return absorbed < direct
 
 
-def cross_attention_macs(cfg: QFormerConfig, queries: int, image_tokens: int) -> int:
-    """Multiply-adds of one cross-attention block for `queries` positions over `image_tokens`, per sample."""
+def cross_attention_macs(cfg: QFormerConfig, queries: int, image_tokens: int, image_kv: bool = False) -> int:
+    """Multiply-adds of one cross-attention block for `queries` positions over `image_tokens`, per sample.
+    `image_kv`: the image keys/values were formed beforehand (`image_kv_macs`), as the stage-1 step shares them."""
     D, E, H, N, L = cfg.hidden_size, cfg.encoder_width, cfg.num_heads, image_tokens, queries
+    if image_kv:  # q and output, scores and weighted sum
+        return 2 * L * D * D + 2 * L * N * D
     absorbed = cfg.cross_attention_impl == "absorbed" or (
         cfg.cross_attention_impl == "auto" and absorbed_is_cheaper(H, D, E, L, N)
     )
@@ -112,15 +115,36 @@ def cross_attention_macs(cfg: QFormerConfig, queries: int, image_tokens: int) ->
     return 2 * L * D * D + 2 * N * E * D + 2 * L * N * D  # q and output, image keys/values, scores and sum
 
 
+def image_kv_macs(cfg: QFormerConfig, image_tokens: int) -> int:
+    """Multiply-adds of every cross-attention layer's image keys and values for one image."""
+    layers = sum(cfg.has_cross_attention(i) for i in range(cfg.num_layers))
+    return layers * 2 * image_tokens * cfg.encoder_width * cfg.hidden_size
+
+
+def stage1_shares_image_kv(cfg: QFormerConfig, image_tokens: int, world_size: int = 1) -> bool:
+    """Whether the stage-1 step forms each image's cross-attention keys/values once and shares them between its
+    four query passes (ITC, and ITM's three pairs), rather than each pass attending on its own (direct or
+    absorbed, as the layer would choose): whichever takes fewer multiply-adds. Under torchrun the ITM negative
+    images may live on other ranks, so their keys/values are formed a second time. An `absorbed` setting keeps the
+    per-pass form."""
+    if cfg.cross_attention_impl == "absorbed":
+        return False
+    L, N, passes = cfg.num_query_tokens, image_tokens, 4
+    keys_values = 2 * N * cfg.encoder_width * cfg.hidden_size * (1 if world_size == 1 else 2)  # per layer
+    shared = keys_values + passes * cross_attention_macs(cfg, L, N, image_kv=True)
+    return shared < passes * cross_attention_macs(cfg, L, N)
+
+
 def qformer_pass_flops(
-    cfg: QFormerConfig, *, queries: int = 0, text: int = 0, image_tokens: int = 0, past: int = 0
+    cfg: QFormerConfig, *, queries: int = 0, text: int = 0, image_tokens: int = 0, past: int = 0, image_kv: bool = False
 ) -> int:
     """Forward FLOPs per sample of one Q-Former pass over `[queries; text]` (no heads).
 
     Each layer: self-attention projections on the L = queries + text new positions (4*L*D^2), attention over
     past + L keys (2*L*(past + L)*D); cross-attention for the query positions in every `cross_attention_freq`-th
     layer (direct or absorbed, as the layer would choose); the query FFN on the queries and the text FFN on the
-    text (2*D*F each). `past`: cached positions (ITG decodes the text against the queries' cache).
+    text (2*D*F each). `past`: cached positions (ITG decodes the text against the queries' cache). `image_kv`:
+    the image keys/values come precomputed (`image_kv_macs`, not counted here).
     """
     D, F = cfg.hidden_size, cfg.intermediate_size
     length = queries + text
@@ -128,14 +152,14 @@ def qformer_pass_flops(
     for layer in range(cfg.num_layers):
         macs += 4 * length * D * D + 2 * length * (past + length) * D
         if queries and cfg.has_cross_attention(layer):
-            macs += cross_attention_macs(cfg, queries, image_tokens)
+            macs += cross_attention_macs(cfg, queries, image_tokens, image_kv)
         macs += length * 2 * D * F
     return 2 * macs
 
 
-def qformer_query_flops(cfg: QFormerConfig, image_tokens: int) -> int:
+def qformer_query_flops(cfg: QFormerConfig, image_tokens: int, image_kv: bool = False) -> int:
     """Queries-only pass (ITC image side; stage 2)."""
-    return qformer_pass_flops(cfg, queries=cfg.num_query_tokens, image_tokens=image_tokens)
+    return qformer_pass_flops(cfg, queries=cfg.num_query_tokens, image_tokens=image_tokens, image_kv=image_kv)
 
 
 def qformer_text_flops(cfg: QFormerConfig, text: int) -> int:
@@ -143,9 +167,11 @@ def qformer_text_flops(cfg: QFormerConfig, text: int) -> int:
     return qformer_pass_flops(cfg, text=text)
 
 
-def qformer_itm_flops(cfg: QFormerConfig, text: int, image_tokens: int) -> int:
+def qformer_itm_flops(cfg: QFormerConfig, text: int, image_tokens: int, image_kv: bool = False) -> int:
     """Joint bidirectional pass of one image-text pair (ITM)."""
-    return qformer_pass_flops(cfg, queries=cfg.num_query_tokens, text=text, image_tokens=image_tokens)
+    return qformer_pass_flops(
+        cfg, queries=cfg.num_query_tokens, text=text, image_tokens=image_tokens, image_kv=image_kv
+    )
 
 
 def qformer_itg_flops(cfg: QFormerConfig, text: int) -> int:
@@ -269,28 +295,35 @@ def _vision_part(cfg: Blip2Config) -> tuple[int, int]:
     return vision_forward_flops(cfg.vision) * (1 if cfg.vision.frozen else 3), vision_tokens(cfg.vision)
 
 
-def stage1_forward_flops(cfg: Blip2Config, text: int, global_batch: int = 1, image_tokens: int | None = None) -> dict:
+def stage1_forward_flops(
+    cfg: Blip2Config, text: int, global_batch: int = 1, image_tokens: int | None = None, world_size: int = 1
+) -> dict:
     """Forward FLOPs per sample of the trainable stage-1 parts, by loss: ITC (queries pass + vision_proj, text pass
     + text_proj on [CLS], the two similarity einsums over the global batch), ITM (3 joint pairs per sample, each
-    with the ITM head on every query), ITG (decode + LM head)."""
+    with the ITM head on every query), ITG (decode + LM head); and, when the step shares them
+    (`stage1_shares_image_kv`), the image keys/values (`image_kv`: once per image, twice under torchrun)."""
     q = cfg.qformer
     n = image_tokens if image_tokens is not None else vision_tokens(cfg.vision)
     Q, D, P = q.num_query_tokens, q.hidden_size, cfg.embed_dim
-    itc = qformer_query_flops(q, n) + 2 * Q * D * P + qformer_text_flops(q, text) + 2 * D * P
+    shared = stage1_shares_image_kv(q, n, world_size)
+    itc = qformer_query_flops(q, n, shared) + 2 * Q * D * P + qformer_text_flops(q, text) + 2 * D * P
     itc_sims = 2 * (2 * global_batch * Q * P)
-    itm = 3 * (qformer_itm_flops(q, text, n) + 2 * Q * D * 2)
+    itm = 3 * (qformer_itm_flops(q, text, n, shared) + 2 * Q * D * 2)
     itg = qformer_itg_flops(q, text)
-    return {"itc": itc, "itc_sims": itc_sims, "itm": itm, "itg": itg}
+    parts = {"itc": itc, "itc_sims": itc_sims, "itm": itm, "itg": itg}
+    if shared:
+        parts["image_kv"] = 2 * image_kv_macs(q, n) * (1 if world_size == 1 else 2)
+    return parts
 
 
-def stage1_train_flops(cfg: Blip2Config, text: int, global_batch: int = 1) -> StepFlops:
+def stage1_train_flops(cfg: Blip2Config, text: int, global_batch: int = 1, world_size: int = 1) -> StepFlops:
     """Training FLOPs per sample of a stage-1 step: ViT forward (x3 if not frozen), the rest forward + backward.
 
     The ITC similarities with `itc_gather="faithful"` (the default) detach the other side: their backward forms
     one gradient, 2x forward in all; "connected" forms both, 3x. Texts assumed `text` tokens long.
     """
     vit, n = _vision_part(cfg)
-    fwd = stage1_forward_flops(cfg, text, global_batch, n)
+    fwd = stage1_forward_flops(cfg, text, global_batch, n, world_size)
     sims = fwd.pop("itc_sims") * (2 if cfg.itc_gather == "faithful" else 3)
     parts = {"vit": vit, **{k: 3 * v for k, v in fwd.items()}}
     parts["itc"] += sims
@@ -326,7 +359,9 @@ __all__ = [
     "qformer_pass_flops",
     "qformer_query_flops",
     "qformer_text_flops",
+    "image_kv_macs",
     "stage1_forward_flops",
+    "stage1_shares_image_kv",
     "stage1_train_flops",
     "stage2_train_flops",
     "vision_forward_flops",

@@ -6,6 +6,7 @@ reference (every rank's full token maps, all-gathered with gradient) and of ours
 
     python scripts/bench_stage1.py --batch 2 --steps 2                 # CPU here (fp32, random weights)
     python scripts/bench_stage1.py --device cuda --batch 100 --dtype bf16 --peak-tflops 989
+    python scripts/bench_stage1.py --no-vit --batch 8 --steps 5      # the trainable step alone (fixed image tokens)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from qformer.blip2 import Blip2Stage1
 from qformer.config import Blip2Config
 from qformer.dtypes import DTYPES
-from qformer.flops import stage1_train_flops
+from qformer.flops import stage1_train_flops, vision_tokens
 from tasks.stage1 import stage1_losses
 
 
@@ -36,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peak-tflops", type=float, default=0.0, help="the device's dense peak, for MFU (0: tasks.throughput's table)"
     )
+    p.add_argument(
+        "--no-vit",
+        action="store_true",
+        help="leave the frozen ViT out: fixed random image tokens into ln_vision (the trainable step alone)",
+    )
     p.add_argument("--world", type=int, default=16, help="world size for the ITM traffic estimate")
     p.add_argument("--world-batch", type=int, default=100, help="per-GPU batch for the ITM traffic estimate")
     return p
@@ -49,12 +55,17 @@ def run(args: argparse.Namespace) -> dict:
     vision = dataclasses.replace(cfg.vision, precision=args.dtype if args.device != "cpu" else "fp32")
     cfg = dataclasses.replace(cfg, vision=vision)
     torch.manual_seed(0)
-    model = Blip2Stage1(cfg).to(args.device)
+    model = Blip2Stage1(cfg, build_visual=not args.no_vit).to(args.device)
     model.train()
+    n_tokens = vision_tokens(cfg.vision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.98), weight_decay=0.05)
     vocab = cfg.qformer.vocab_size
-    images = torch.randn(args.batch, 3, cfg.vision.image_size, cfg.vision.image_size, device=args.device)
+    if args.no_vit:
+        inputs = {"image_tokens": torch.randn(args.batch, n_tokens, cfg.qformer.encoder_width, device=args.device)}
+    else:
+        size = cfg.vision.image_size
+        inputs = {"images": torch.randn(args.batch, 3, size, size, device=args.device)}
     ids = torch.randint(1000 % vocab, vocab - 1, (args.batch, args.text_len), device=args.device)
     mask = torch.ones_like(ids)
     dtype = DTYPES[args.dtype]
@@ -62,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def step() -> dict:
         with autocast:
-            losses = stage1_losses(model, ids, mask, images=images, bos_token_id=vocab - 1)
+            losses = stage1_losses(model, ids, mask, **inputs, bos_token_id=vocab - 1)
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -80,14 +91,16 @@ def run(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
     median = sorted(times)[len(times) // 2]
     n_trainable = sum(p.numel() for p in trainable)
-    n_frozen = sum(p.numel() for p in model.visual.parameters())
+    n_frozen = 0 if args.no_vit else sum(p.numel() for p in model.visual.parameters())
+    vit = "no ViT (fixed image tokens)" if args.no_vit else f"ViT {n_frozen / 1e6:.0f}M frozen"
     print(
-        f"stage 1, {args.preset}: ViT {n_frozen / 1e6:.0f}M frozen + {n_trainable / 1e6:.1f}M trainable, "
+        f"stage 1, {args.preset}: {vit} + {n_trainable / 1e6:.1f}M trainable, "
         f"batch {args.batch}, text {args.text_len}, {args.device}, {args.dtype}, threads {torch.get_num_threads()}"
     )
     print(f"step {median * 1e3:.0f} ms (median of {len(times)}), {args.batch / median:.2f} images/s")
     print("losses: " + ", ".join(f"{k} {v.item():.3f}" for k, v in losses.items()))
-    flops = stage1_train_flops(cfg, args.text_len, global_batch=args.batch).total * args.batch  # qformer.flops
+    step_flops = stage1_train_flops(cfg, args.text_len, global_batch=args.batch)  # qformer.flops
+    flops = (step_flops.total - (step_flops.parts["vit"] if args.no_vit else 0)) * args.batch
     tflops = flops / median / 1e12
     peak = device_peak_tflops(torch.device(args.device), args.peak_tflops or None)
     result = {"step_ms": median * 1e3, "samples_per_s": args.batch / median, "tflops_per_s": tflops}
@@ -103,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # ITM negative images: what one rank receives per step (fp32 ln_vision outputs, as in the reference).
     w, b = args.world, args.world_batch
-    row = model.visual.num_tokens() * cfg.qformer.encoder_width * 4
+    row = n_tokens * cfg.qformer.encoder_width * 4
     print(
         f"ITM negative-image traffic per rank at world {w} x batch {b}: reference all-gather "
         f"{(w - 1) * b * row / 2**30:.2f} GiB (+ the same again in backward); ours about "

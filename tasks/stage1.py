@@ -14,6 +14,7 @@ from torch import Tensor
 
 from qformer.blip2 import Blip2Stage1
 from qformer.dist import all_gather_no_grad, gather_rows, get_world_size
+from qformer.flops import stage1_shares_image_kv
 from qformer.losses import clamp_temperature_, hard_negative_indices, itc_loss, itg_labels, itg_loss, itm_loss
 
 
@@ -50,7 +51,13 @@ def stage1_losses(
     if temp_clamp is not None:
         clamp_temperature_(model.temp, *temp_clamp)
     image_embeds = model.encode_image(images) if images is not None else model.embed_image_tokens(image_tokens)
-    image = model.image_features(image_embeds, use_cache=True)  # feats [B, Q, P], cache for ITG
+    # The image's cross-attention keys/values, formed once for its four query passes (ITC, ITM's three pairs) where
+    # that is cheaper than each pass attending on its own (qformer.flops.stage1_shares_image_kv).
+    world = get_world_size()
+    kv = None
+    if stage1_shares_image_kv(cfg.qformer, image_embeds.shape[1], world):
+        kv = model.qformer.image_keys_values(image_embeds)  # per layer 2 x [B, H, N, d]
+    image = model.image_features(None if kv else image_embeds, use_cache=True, image_kv=kv)  # feats, ITG cache
     text = model.text_features(input_ids, attention_mask)  # feat [B, P]
 
     # ITC over the global batch.
@@ -58,13 +65,22 @@ def stage1_losses(
 
     # ITM: one hard negative image per text and one hard negative text per image, from the global batch.
     neg_image, neg_text = hard_negative_indices(itc.sim_i2t, itc.sim_t2i, image_ids=image_ids, generator=generator)
-    image_embeds_neg = gather_rows(image_embeds, neg_image)  # [B, N, E], only the drawn rows cross ranks
     text_ids_neg = all_gather_no_grad(input_ids)[neg_text]  # [B, T]
     text_mask_neg = all_gather_no_grad(attention_mask)[neg_text]
     itm_ids = torch.cat([input_ids, input_ids, text_ids_neg])  # [3B, T]
     itm_mask = torch.cat([attention_mask, attention_mask, text_mask_neg])
-    itm_images = torch.cat([image_embeds, image_embeds_neg, image_embeds])  # [3B, N, E]
-    loss_itm = itm_loss(model.itm_logits(itm_images, itm_ids, itm_mask))
+    if kv is None:
+        image_embeds_neg = gather_rows(image_embeds, neg_image)  # [B, N, E], only the drawn rows cross ranks
+        itm_images = torch.cat([image_embeds, image_embeds_neg, image_embeds])  # [3B, N, E]
+        loss_itm = itm_loss(model.itm_logits(itm_images, itm_ids, itm_mask))
+    else:
+        if world == 1:
+            kv_neg = [None if layer is None else (layer[0][neg_image], layer[1][neg_image]) for layer in kv]
+        else:
+            kv_neg = model.qformer.image_keys_values(gather_rows(image_embeds, neg_image))
+        itm_kv = [None if a is None else (torch.cat([a[0], b[0], a[0]]), torch.cat([a[1], b[1], a[1]]))
+                  for a, b in zip(kv, kv_neg, strict=True)]  # fmt: skip
+        loss_itm = itm_loss(model.itm_logits(None, itm_ids, itm_mask, image_kv=itm_kv))
 
     # ITG: [DEC] replaces [CLS]; decode against the query cache (not detached).
     decoder_ids, labels = itg_labels(input_ids, pad_token_id=pad_id, bos_token_id=bos_token_id)

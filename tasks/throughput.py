@@ -47,7 +47,7 @@ def train_flops_per_sample(cfg, model: nn.Module, world: int = 1) -> StepFlops:
     reads the LLM's shape from `model.llm.config`)."""
     m = cfg.model
     if cfg.stage == "stage1":
-        return stage1_train_flops(m, m.max_text_length, global_batch=cfg.data.batch_size * world)
+        return stage1_train_flops(m, m.max_text_length, global_batch=cfg.data.batch_size * world, world_size=world)
     llm = llm_shape(model.llm.config)
     text = m.llm.max_text_length
     instruction = m.llm.max_instruction_length if m.llm.qformer_instruction else 0

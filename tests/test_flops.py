@@ -23,6 +23,7 @@ from qformer.flops import (
     qformer_itm_flops,
     qformer_query_flops,
     qformer_text_flops,
+    stage1_shares_image_kv,
     stage1_train_flops,
     stage2_train_flops,
     vision_forward_flops,
@@ -88,8 +89,11 @@ def test_qformer_passes_equal_the_counter(impl):
 
 
 @pytest.mark.parametrize("gather", ["faithful", "connected"])
-def test_stage1_step_equals_the_counter(gather):
+@pytest.mark.parametrize("impl", ["auto", "absorbed"])  # auto: the step shares the image keys/values; absorbed: not
+def test_stage1_step_equals_the_counter(gather, impl):
     cfg = dataclasses.replace(Blip2Config.preset("tiny"), itc_gather=gather)
+    cfg = dataclasses.replace(cfg, qformer=cfg.qformer.replace(cross_attention_impl=impl))
+    assert stage1_shares_image_kv(cfg.qformer, 5) == (impl == "auto")
     model = Blip2Stage1(cfg, build_visual=False).train()
     n = 5  # what a 28 px tiny ViT gives: 2 x 2 patches + the class token
     tokens = torch.randn(B, n, cfg.qformer.encoder_width)

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,6 +14,7 @@ from torch.testing import assert_close
 
 from qformer.blip2 import Blip2Stage1
 from qformer.config import Blip2Config
+from qformer.flops import stage1_shares_image_kv
 from qformer.losses import itc_loss, itg_labels, itg_loss
 from tasks.dist import teardown_distributed
 from tasks.stage1 import stage1_losses
@@ -78,6 +80,47 @@ def test_every_trainable_parameter_gets_a_finite_gradient_and_the_vit_none():
             if not name.endswith("k.bias"):
                 assert p.grad.abs().sum() > 0, name
     assert missing == []
+
+
+@pytest.mark.parametrize("per_pass", ["absorbed", "direct"])
+def test_shared_image_keys_values_equal_attention_per_pass(per_pass, monkeypatch):
+    """The step forms each image's cross-attention keys/values once for its ITC pass and its three ITM pairs
+    (qformer.flops.stage1_shares_image_kv); every loss and gradient equals the step where each pass attends on its
+    own, absorbed or direct (to float32 rounding, with the same hard negatives)."""
+    import tasks.stage1
+
+    def step(model: Blip2Stage1) -> tuple[dict, dict]:
+        data = global_batch()
+        out = stage1_losses(
+            model,
+            data["ids"],
+            data["mask"],
+            images=data["images"],
+            bos_token_id=BOS,
+            generator=torch.Generator().manual_seed(7),
+        )
+        out["loss"].backward()
+        return {k: v.detach() for k, v in out.items()}, {
+            n: p.grad for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    shared = build_model()
+    assert stage1_shares_image_kv(shared.cfg.qformer, 5)  # the tiny ViT's 2 x 2 patches + class token
+    losses, grads = step(shared)
+    other = build_model()
+    for layer in other.qformer.layers:
+        if layer.cross_attn is not None:
+            layer.cross_attn.impl = per_pass
+    monkeypatch.setattr(tasks.stage1, "stage1_shares_image_kv", lambda *a: False)
+    expected_losses, expected = step(other)
+    for k in losses:
+        assert_close(losses[k], expected_losses[k], atol=1e-6, rtol=1e-6, msg=k)
+    # The absorbed form never adds the key bias (softmax ignores it): its gradient is zero, not formed.
+    absent = {n for n in grads.keys() - expected.keys() if n.endswith("cross_attn.k.bias")}
+    assert grads.keys() - absent == expected.keys() and (per_pass == "absorbed") == bool(absent)
+    for name in grads:
+        want = expected[name] if name in expected else torch.zeros_like(grads[name])
+        assert_close(grads[name], want, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def _worker(rank: int, tmp_path: Path) -> None:
