@@ -210,6 +210,9 @@ class LLMConfig:
     # Prepended to every training caption (e.g. "a photo of" for captioning fine-tuning); its tokens get no loss.
     prompt: str = ""
     max_text_length: int = 32
+    # The longest training target given as `text_output` (instruction data: answer + end), in LLM tokens; None:
+    # `max_text_length`. LAVIS's InstructBLIP cuts the input at 128 and the output at 256 (`max_output_txt_len`).
+    max_output_length: int | None = None
     end_of_text: str = "\n"  # OPT: appended to training captions, and the token that ends generation
     # T5 pretraining: split each caption at a uniform word in [1, len/2]: the prefix goes to the encoder after the
     # soft prompt, the rest is the decoder's target. With a prompt (captioning fine-tuning) the prompt is the prefix.
@@ -233,6 +236,11 @@ class LLMConfig:
     # does (`max_txt_len` 128, tokenizer `truncation_side="left"`).
     max_instruction_length: int = 128
 
+    @property
+    def output_length(self) -> int:
+        """The longest `text_output` target in LLM tokens (`max_output_length`, else `max_text_length`)."""
+        return self.max_text_length if self.max_output_length is None else self.max_output_length
+
     def __post_init__(self) -> None:
         if self.max_instruction_length < 1:
             raise ValueError(f"LLMConfig.max_instruction_length must be >= 1, got {self.max_instruction_length}")
@@ -240,6 +248,8 @@ class LLMConfig:
             raise ValueError(f"LLMConfig.dtype must be one of {', '.join(PRECISIONS)}, got {self.dtype!r}")
         if self.max_text_length < 2:
             raise ValueError(f"LLMConfig.max_text_length must be >= 2, got {self.max_text_length}")
+        if self.max_output_length is not None and self.max_output_length < 2:
+            raise ValueError(f"LLMConfig.max_output_length must be >= 2 (or None), got {self.max_output_length}")
         if not 0.0 <= self.prefix_lm_full_caption <= 1.0:
             raise ValueError(f"LLMConfig.prefix_lm_full_caption must be in [0, 1], got {self.prefix_lm_full_caption!r}")
         if self.t5_dense_act_fn is not None:

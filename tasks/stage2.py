@@ -120,11 +120,11 @@ def _decoder_only_pairs(
     llm_cfg, tok = model.cfg.llm, model.tokenizer
     if len(answers) != len(text):
         raise ValueError(f"{len(answers)} answers for {len(text)} instructions")
-    kw = dict(truncation=True, max_length=llm_cfg.max_text_length)
     with _truncation_side(tok, input_truncation):
-        inputs = tok(list(text), **kw).input_ids
+        inputs = tok(list(text), truncation=True, max_length=llm_cfg.max_text_length).input_ids
     with _truncation_side(tok, "right"):
-        outputs = tok([a + llm_cfg.end_of_text for a in answers], **kw).input_ids
+        ends = [a + llm_cfg.end_of_text for a in answers]
+        outputs = tok(ends, truncation=True, max_length=llm_cfg.output_length).input_ids
     n_special = len(tok("").input_ids)  # the BOS the tokenizer puts before every text: the answer's is dropped
     rows = [(i, o[n_special:]) for i, o in zip(inputs, outputs, strict=True)]
     width = max(len(i) + len(o) for i, o in rows)
@@ -148,6 +148,7 @@ def _t5_text(
     input_truncation: str | None = None,
 ) -> Stage2Text:
     llm_cfg = model.cfg.llm
+    explicit = text_output is not None  # instruction data: its own output length; captions: max_text_length
     if text_output is None:
         if llm_cfg.prompt:
             text, text_output = [llm_cfg.prompt] * len(text), text
@@ -158,10 +159,11 @@ def _t5_text(
             text, text_output = map(list, zip(*(prefix_lm_split(t, rng, full) for t in text), strict=True))
         else:
             raise ValueError("T5 training needs text_output, a prompt, or prefix_lm=True")
-    tok = dict(padding="longest", truncation=True, max_length=llm_cfg.max_text_length, return_tensors="pt")
+    tok = dict(padding="longest", truncation=True, return_tensors="pt")
     with _truncation_side(model.tokenizer, input_truncation):
-        enc = model.tokenizer(text, **tok)
-    out = model.tokenizer(text_output, **tok)
+        enc = model.tokenizer(text, max_length=llm_cfg.max_text_length, **tok)
+    out_length = llm_cfg.output_length if explicit else llm_cfg.max_text_length
+    out = model.tokenizer(text_output, max_length=out_length, **tok)
     labels = out.input_ids.masked_fill(out.attention_mask == 0, IGNORE)
     return Stage2Text(
         enc.input_ids,

@@ -24,6 +24,8 @@ ORDER = [
     "stage2_opt6.7b",
     "stage2_flant5xl",
     "stage2_flant5xxl",
+    "stage2_vicuna7b",
+    "stage2_vicuna13b",
     "finetune_coco_retrieval",
     "finetune_coco_caption",
     "finetune_vqav2_opt",

@@ -127,6 +127,27 @@ def test_the_instruction_is_cut_from_the_left(folders):
     assert batch.input_ids[0, :4].tolist() == keep  # BOS, then the end of the instruction
 
 
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_answers_are_cut_at_their_own_length(folders, kind):
+    """LAVIS's InstructBLIP cuts the instruction at `max_txt_len` (128) and the answer at `max_output_txt_len`
+    (256): `max_output_length` here, `max_text_length` when unset."""
+    model = _model(folders, kind)
+    answer = " ".join(["red", "blue"] * 5)  # 10 words
+    q = model.cfg.qformer.num_query_tokens
+
+    def answer_tokens() -> int:
+        batch = tokenize_stage2(model, ["what colour ?"], text_output=[answer], input_truncation="left")
+        labels = batch.labels[0] if kind == "t5" else batch.labels[0, q:]
+        return int((labels != IGNORE).sum())
+
+    model.cfg.llm.max_text_length = 6
+    assert answer_tokens() == (6 if kind == "t5" else 5)  # OPT: the tokenizer's BOS counted, then dropped
+    model.cfg.llm.max_output_length = 9
+    assert answer_tokens() == (9 if kind == "t5" else 8)
+    model.cfg.llm.max_output_length = 30
+    assert answer_tokens() == 11  # the 10 words and the end token, whole
+
+
 def test_plain_captions_in_an_instruction_aware_model_give_the_prompt_to_the_qformer(folders):
     model = _model(folders, "opt")
     images, captions = _images(), ["a red square", "a blue bar"]
@@ -234,6 +255,7 @@ def test_a_tiny_instruction_config_resumes_exactly(tmp_path, monkeypatch, caplog
     monkeypatch.setenv("QFORMER_TINY", str(make_all(tmp_path / "assets")))
     monkeypatch.setenv("QFORMER_TINY_RUNS", str(tmp_path / "runs"))
     train(load_config(CONFIGS / "tiny" / "stage1_vitg.yaml", ["optim.total_steps=2"]))
+    train(load_config(CONFIGS / "tiny" / "stage2_vicuna7b.yaml", ["optim.total_steps=2"]))  # what the twin starts from
     steps = ["optim.total_steps=4", "save_every=2", "model.qformer.hidden_dropout=0.1"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train(load_config(CONFIGS / "tiny" / "instructblip_vicuna7b.yaml", [*steps, f"output_dir={full}"]))
