@@ -74,10 +74,17 @@ class DataConfig:
     # How several JSON/vqa datasets are mixed: "ratio" (their ratios) or "sqrt" (ratio x sqrt(dataset size), as
     # InstructBLIP samples its training sets in proportion to the square root of their sizes).
     mix: str = "ratio"
+    # The training images' augmentation (BLIP-2's: a random crop of 50-100% of the area, resized, and a random
+    # horizontal flip). Captions that name positions ("on the left") or counts are wrong for a flipped or cropped
+    # image: `hflip: false` keeps left and right, `min_scale: 1.0` keeps the whole image (a plain resize).
+    min_scale: float = 0.5
+    hflip: bool = True
 
     def __post_init__(self) -> None:
         if self.mix not in ("ratio", "sqrt"):
             raise ValueError(f"data.mix must be ratio or sqrt, got {self.mix!r}")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ValueError(f"data.min_scale must be in (0, 1], got {self.min_scale!r}")
         instructed = {d.kind == "vqa" or bool(d.instructions) for d in self.datasets}
         if len(instructed) > 1:  # a batch is either (instruction, target) pairs or captions, never both
             raise ValueError(

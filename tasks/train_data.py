@@ -81,7 +81,7 @@ class TrainLoader:
         if not data.datasets:
             raise ValueError("data.datasets is empty: give at least one caption JSON dataset or webdataset shards")
         self.cfg, self.rank, self.world, self.seed = cfg, rank, world, seed
-        transform = train_transform(cfg.model.vision.image_size)
+        transform = train_transform(cfg.model.vision.image_size, min_scale=data.min_scale, hflip=data.hflip)
         kinds = {"shards" if d.shards else "json" for d in data.datasets}
         if len(kinds) > 1:
             raise ValueError("mix either caption JSON (or vqa) datasets or webdataset shards, not both")

@@ -80,6 +80,48 @@ def test_train_transform_shape_normalization_and_randomness():
     assert not torch.equal(a, c)
 
 
+def test_train_transform_without_flip_keeps_left_and_right_and_without_crop_the_whole_image():
+    """`data.hflip: false` / `data.min_scale: 1.0`: for captions that name positions or counts."""
+    left_half = Image.fromarray(np.concatenate([np.zeros((50, 50, 3)), np.full((50, 50, 3), 255)], 1).astype(np.uint8))
+    flips = [train_transform(32)(left_half)[0, :, 0].mean() > 0 for _ in range(40)]
+    assert 0 < sum(flips) < 40  # the default flips some of the time
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = train_transform(32, hflip=False)(left_half)
+        assert out[0, :, 0].mean() < 0 < out[0, :, -1].mean()
+        torch.manual_seed(seed)
+        whole = train_transform(32, min_scale=1.0, hflip=False)(left_half)
+        torch.testing.assert_close(whole, eval_transform(32)(left_half), atol=0, rtol=0)
+
+
+def test_augmentation_settings_reach_the_training_loader(tmp_path, monkeypatch):
+    """With `min_scale: 1.0, hflip: false` every training image is the plain resize of one of the set's images;
+    with the default (BLIP-2's crop and flip) they are not."""
+    from pathlib import Path
+
+    from tasks.config import DataConfig, load_config
+    from tasks.tiny_assets import make_all
+    from tasks.train_data import TrainLoader
+
+    with pytest.raises(ValueError, match="min_scale"):
+        DataConfig(min_scale=0.0)
+    monkeypatch.setenv("QFORMER_TINY", str(make_all(tmp_path / "assets")))
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage2_opt2.7b.yaml"
+    images = sorted((tmp_path / "assets" / "data").rglob("*.jpg"))
+    size = load_config(config).model.vision.image_size
+    plain = torch.stack([eval_transform(size)(Image.open(p).convert("RGB")) for p in images])  # [I, 3, S, S]
+
+    def first_batch(*overrides: str) -> torch.Tensor:
+        cfg = load_config(config, [f"output_dir={tmp_path / 'out'}", "data.batch_size=8", *overrides])
+        return next(iter(TrainLoader(cfg, rank=0, world=1, seed=0)))["image"]
+
+    def is_plain(x: torch.Tensor) -> bool:
+        return bool(((plain - x).abs().flatten(1).amax(1) < 1e-6).any())
+
+    assert all(is_plain(x) for x in first_batch("data.min_scale=1.0", "data.hflip=false"))
+    assert not all(is_plain(x) for x in first_batch())
+
+
 # ------------------------------------------------------------------------------------------------------ text
 
 

@@ -1,6 +1,7 @@
 """Image transforms of BLIP-2 (LAVIS `Blip2ImageTrainProcessor` / `BlipImageEvalProcessor`).
 
-Train: RandomResizedCrop(size, scale=(0.5, 1.0), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize.
+Train: RandomResizedCrop(size, scale=(0.5, 1.0), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize (crop
+and flip can be turned off: `data.min_scale`, `data.hflip`).
 Eval: Resize((size, size), bicubic) -> ToTensor -> Normalize. Both take an RGB PIL image and return a float
 tensor `[3, size, size]` normalized with the CLIP mean/std (their home: `qformer.config`). The randomness of the
 train transform comes from torch's global generator (torchvision v1 transforms), which DataLoader seeds per worker.
@@ -22,16 +23,16 @@ def train_transform(
     max_scale: float = 1.0,
     mean: tuple[float, float, float] = CLIP_MEAN,
     std: tuple[float, float, float] = CLIP_STD,
+    hflip: bool = True,
 ) -> T.Compose:
-    """Random crop covering `min_scale`..`max_scale` of the area, resized to `size` (bicubic), random flip."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(min_scale, max_scale), interpolation=InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    """Random crop covering `min_scale`..`max_scale` of the area, resized to `size` (bicubic), random flip.
+
+    `min_scale` 1.0 keeps the whole image: a square resize, as `eval_transform`; `hflip=False` never flips."""
+    if min_scale >= 1.0:
+        crop = T.Resize((size, size), interpolation=InterpolationMode.BICUBIC)
+    else:
+        crop = T.RandomResizedCrop(size, scale=(min_scale, max_scale), interpolation=InterpolationMode.BICUBIC)
+    return T.Compose([crop, *([T.RandomHorizontalFlip()] if hflip else []), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def eval_transform(
