@@ -8,6 +8,7 @@
     demo.py     stages 1 and 2 and the evaluations through the real entry points, with baselines:
                 `qformer demo` / `python -m tasks.shapes.demo`
     report.py   the demo's `report.md`: tables, loss curves, gallery
+    instruct.py `qformer demo --instruct`: instruction tuning on three question types, the fourth held out
 
 Only a demonstration: the runner (the rest of `tasks/`) never imports this package, and nothing here affects a real
 run. It drives the real code (configs, `tasks.train`, `tasks.evaluate`, the loaders and evaluators) like a user does.

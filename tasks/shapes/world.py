@@ -55,6 +55,7 @@ __all__ = [
     "SIZES",
     "Obj",
     "answer_question",
+    "caption_correct",
     "load_scenes",
     "load_world",
     "make_scene",
@@ -192,6 +193,18 @@ def scene_captions(objects: list[Obj], rng: random.Random, n: int = 5) -> list[s
         raise ValueError(f"captions per image must be in 1..{CAPTION_TEMPLATES}, got {n}")
     templates = rng.sample(range(CAPTION_TEMPLATES), n)
     return [_caption(rng.sample(objects, len(objects)), t) for t in templates]
+
+
+def caption_correct(caption: str, objects: list[Obj]) -> bool:
+    """Whether `caption` is one the world's grammar makes for exactly this scene: some template of `_caption` with
+    every object named once, in any order, each with its true size, colour, shape and position (case and spacing
+    ignored). Strict on purpose: a generated caption that leaves an object out, names one twice or wrongly, adds one,
+    is cut off or is not grammatical counts as wrong, since a training caption like that teaches something false or
+    nothing. A scene has at most 3! orders x 5 templates candidates, so they are all generated and compared."""
+    from itertools import permutations
+
+    text = " ".join(caption.lower().split())
+    return any(text == _caption(list(order), t) for order in permutations(objects) for t in range(CAPTION_TEMPLATES))
 
 
 def scene_questions(objects: list[Obj]) -> list[tuple[str, str, str]]:
