@@ -38,12 +38,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tasks.evals.common import write_json, write_text
-from tasks.shapes.demo import CONFIGS, RETRIEVAL_SCORES, _eval, _stage
+from tasks.shapes.demo import CONFIGS, RETRIEVAL_SCORES, Laps, _eval, _stage
 from tasks.shapes.world import COLOURS, SHAPES, caption_correct, load_scenes, load_world, scene_captions
 
 logger = logging.getLogger(__name__)
@@ -159,15 +158,8 @@ def run_capfilt(out: str | Path, fast: bool = False, seed: int = 0, retrain: boo
     image_root = world["image_root"]
     train_scenes, test_scenes = load_scenes(world, "train"), load_scenes(world, "test")
     scenes_by_id = {s["image_id"]: s for s in train_scenes + test_scenes}
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
-        print(f"[capfilt] {name}: {timings[name]:.0f} s", flush=True)
+    lap = Laps("capfilt")
+    timings = lap.timings
 
     rng = random.Random(f"capfilt-{seed}")
     web = {"train": web_captions(train_scenes, preset.wrong, rng), "test": web_captions(test_scenes, preset.wrong, rng)}

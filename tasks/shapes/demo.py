@@ -77,6 +77,22 @@ PRESETS = {
 }
 
 
+class Laps:
+    """Wall-clock laps of a run's parts: `lap(name)` records the time since the previous lap in `timings` and prints
+    `[prefix] name: N s`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._clock
+        self._clock = now
+        print(f"[{self.prefix}] {name}: {self.timings[name]:.0f} s", flush=True)
+
+
 def _stage(name: str, config: str, overrides: list[str]) -> Path:
     from tasks.config import load_config
     from tasks.train import train
@@ -114,15 +130,8 @@ def run_demo(out: str | Path, fast: bool = False, seed: int = 0) -> dict:
             )
     marker.write_text(json.dumps({"preset": name, "seed": seed, "recipe": RECIPE, "runs": RUNS}))
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
-        print(f"[demo] {name}: {timings[name]:.0f} s", flush=True)
+    lap = Laps("demo")
+    timings = lap.timings
 
     stage0 = build_stage0(out / "stage0", fast=fast, seed=seed)
     world = stage0["world"]

@@ -31,14 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from tasks.evals.common import write_json, write_text
-from tasks.shapes.demo import CONFIGS, _eval, _stage
+from tasks.shapes.demo import CONFIGS, Laps, _eval, _stage
 from tasks.shapes.world import ANSWER_TYPES, QUESTION_TYPES, load_scenes, load_world, sample_questions
 
 logger = logging.getLogger(__name__)
@@ -213,15 +212,8 @@ def run_instruct(out: str | Path, fast: bool = False, seed: int = 0) -> dict:
     world = world_paths(out)
     folder = out / "instruct"
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
-        print(f"[instruct] {name}: {timings[name]:.0f} s", flush=True)
+    lap = Laps("instruct")
+    timings = lap.timings
 
     held_in = [t for t in QUESTION_TYPES if t != HELD_OUT]
     data = write_training_qa(world, folder / "data", HELD_OUT, preset.draws, seed)
