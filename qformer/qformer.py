@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.config import QFormerConfig
+from qformer.cpu_malloc import keep_large_blocks
 from qformer.flops import absorbed_is_cheaper
 from qformer.masks import cross_attention_mask, self_attention_mask
 
@@ -210,9 +211,13 @@ class Attention(nn.Module):
             scores = scores + mask.flatten(1, 2).to(scores.dtype)  # [B, 1, N] over every head and query
         p = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         dropped = self.training and self.dropout_p
-        if dropped:  # drawn in the direct form's [B, H, L, N] order, so a seed drops the same weights in both
-            p = F.dropout(p.view(b, length, h, n).transpose(1, 2).contiguous(), self.dropout_p)
-            p = p.transpose(1, 2).reshape(b, length * h, n)
+        if dropped:
+            # F.dropout's own draw (bernoulli_ on a fresh tensor, then 1 / (1 - p)), made in the direct form's
+            # [B, H, L, N] order so that a seed drops the same weights in both, and applied to P's (query, head)
+            # rows through a transposed view: P itself is never permuted.
+            keep = p.new_empty(b, h, length, n).bernoulli_(1.0 - self.dropout_p)
+            keep.div_(1.0 - self.dropout_p) if self.dropout_p < 1.0 else keep.zero_()
+            p = (p.view(b, length, h, n) * keep.transpose(1, 2)).view(b, length * h, n)
         px = (p @ context.to(p.dtype)).view(b * length, h, width).transpose(0, 1)  # [H, B*L, E]
         a = _heads_matmul(px, self.v.weight.view(h, d, width).transpose(1, 2).to(px.dtype))  # [B*L, H, d]
         del px
@@ -236,7 +241,10 @@ class _HeadsMatmul(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         a, w = ctx.saved_tensors
         g = grad.transpose(0, 1)  # [H, M, N]
-        grad_a = torch.bmm(g, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_a = None
+        if ctx.needs_input_grad[0]:  # in the [M, H, K] memory order `a` is a transposed view of (both callers)
+            grad_a = a.new_empty(a.shape[1], a.shape[0], a.shape[2]).transpose(0, 1)
+            torch.bmm(g, w.transpose(1, 2), out=grad_a)
         grad_w = torch.bmm(a.transpose(1, 2), g) if ctx.needs_input_grad[1] else None
         return grad_a, grad_w
 
@@ -394,6 +402,8 @@ class QFormer(nn.Module):
             batch = image_embeds.shape[0] if image_embeds is not None else next(kv for kv in image_kv if kv)[0].shape[0]
             queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, D]
         x = self.embeddings(queries, input_ids)  # [B, L, D]
+        if has_image and x.device.type == "cpu":
+            keep_large_blocks()  # the image side's large intermediates, reused instead of mapped afresh per layer
         if image_embeds is not None:
             image_embeds = image_embeds.to(x.dtype)  # a frozen half-precision ViT feeds an fp32 Q-Former
         query_length = 0 if queries is None else queries.shape[1]
