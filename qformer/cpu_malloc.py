@@ -4,7 +4,7 @@ The absorbed cross-attention (`qformer.qformer.Attention._attend_absorbed`) make
 `[B, Q * H, E]` floats: 17 MB each at the paper size and batch 8. glibc serves such a block with a fresh `mmap`
 and unmaps it on free; its dynamic threshold rises only to the size of the freed block, so the next request of the
 same size is mapped again. Every layer of every pass then touches ~35 MB of new pages: measured at the paper size,
-2 threads, batch 8, a queries-only forward took ~50,000 minor page faults and ~650 ms, and 38 faults and ~435 ms
+2 threads, batch 8, a queries-only forward took ~50,000 minor page faults and 490-650 ms, and 38 faults and ~435 ms
 once the thresholds below were set (transformers' `Blip2QFormerModel`, whose intermediates are smaller, took none
 either way: `scripts/bench_qformer.py`).
 

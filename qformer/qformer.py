@@ -212,11 +212,12 @@ class Attention(nn.Module):
         p = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         dropped = self.training and self.dropout_p
         if dropped:
-            # F.dropout's own draw (bernoulli_ on a fresh tensor, then 1 / (1 - p)), made in the direct form's
+            # F.dropout's own draw (bernoulli_ on a fresh tensor, divided by 1 - p), made in the direct form's
             # [B, H, L, N] order so that a seed drops the same weights in both, and applied to P's (query, head)
             # rows through a transposed view: P itself is never permuted.
             keep = p.new_empty(b, h, length, n).bernoulli_(1.0 - self.dropout_p)
-            keep.div_(1.0 - self.dropout_p) if self.dropout_p < 1.0 else keep.zero_()
+            if self.dropout_p < 1.0:
+                keep.div_(1.0 - self.dropout_p)
             p = (p.view(b, length, h, n) * keep.transpose(1, 2)).view(b, length * h, n)
         px = (p @ context.to(p.dtype)).view(b * length, h, width).transpose(0, 1)  # [H, B*L, E]
         a = _heads_matmul(px, self.v.weight.view(h, d, width).transpose(1, 2).to(px.dtype))  # [B*L, H, d]

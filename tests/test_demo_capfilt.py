@@ -1,7 +1,7 @@
 """`qformer demo --capfilt` (tasks/shapes/capfilt.py): the caption checker it measures with and the noisy web captions
-it starts from. The variant itself is not run here: its fast path (noisy stage 1, captioner, CapFilt) takes about
-45 s on 2 cores, more than the suite's budget has left, and it does not yet reach the issue's correctness bar
-(kept captions -28 points below the web captions' 50% on the fast demo, -37 on the full one)."""
+it starts from. The variant itself is not run here: its fast path (noisy stage 1, filter, stage-2 captioner, CapFilt)
+takes about 90 s on 2 cores, more than the suite's budget has left, and it does not yet reach the issue's
+correctness bar (kept captions 9.5 points below the web captions' 50% on the fast demo, 9.2 on the full one)."""
 
 from __future__ import annotations
 
