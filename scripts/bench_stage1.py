@@ -20,6 +20,7 @@ import torch
 
 from qformer.blip2 import Blip2Stage1
 from qformer.config import Blip2Config
+from qformer.cpu_malloc import keep_freed_memory
 from qformer.dtypes import DTYPES
 from qformer.flops import stage1_train_flops, vision_tokens
 from tasks.stage1 import stage1_losses
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> dict:
     """Prints the report; returns step_ms, samples_per_s, tflops_per_s, mfu (None without a peak), peak_gib."""
     from tasks.throughput import device_peak_tflops
 
+    if args.device == "cpu":
+        keep_freed_memory()  # as the trainer does on a CPU (qformer.cpu_malloc)
     cfg = Blip2Config.preset(args.preset)
     vision = dataclasses.replace(cfg.vision, precision=args.dtype if args.device != "cpu" else "fp32")
     cfg = dataclasses.replace(cfg, vision=vision)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qformer.cpu_malloc import keep_freed_memory
 from qformer.dist import get_rank, get_world_size
 from qformer.dtypes import to_dtype
 from tasks import command
@@ -171,6 +172,8 @@ def train(cfg: TrainConfig) -> Path:
     """Run training as `cfg` says; returns the `final/` folder. One run per `output_dir`: its lock is held
     throughout (rank 0) and released however the run ends."""
     device = setup_distributed()
+    if device.type == "cpu":
+        keep_freed_memory()  # each step frees and makes again the same large blocks: reuse them (qformer.cpu_malloc)
     out = Path(cfg.output_dir)
     lock = lock_run_folder(out)
     try:
