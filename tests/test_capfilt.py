@@ -266,3 +266,24 @@ def test_stage2_captioner_with_a_stage1_ranker(setup, tmp_path, capsys):
     assert main(["capfilt", TINY, *overrides, f"ranker_checkpoint={setup['ckpt']}"]) == 0
     records = json.loads((tmp_path / "out" / "captions.json").read_text())
     assert len(records) == 11 and all(len(r["caption"]) == 2 for r in records)
+
+
+def test_itm_ranker_keeps_the_top_two_by_the_itm_head(setup, tmp_path):
+    """`ranker: itm`: the stored scores are the checkpoint's ITM match probabilities of the kept captions, and no
+    candidate left out (the web caption, or a synthetic one in the shard file) scores higher than a kept one."""
+    out = tmp_path / "itm"
+    assert main(["capfilt", TINY, *setup["overrides"], "ranker=itm", "shard_size=12", f"output_dir={out}"]) == 0
+    records = json.loads((out / "captions.json").read_text())
+    synthetic = json.loads((out / "shards" / "00000.json").read_text())["synthetic_scores"]
+    model = load_pretrained(setup["ckpt"]).eval()
+    tokenizer = load_tokenizer(setup["root"] / "ckpt" / "tokenizer")
+    assert len(records) == 11
+    for r, syn in zip(records, synthetic, strict=True):
+        meta = r["capfilt"]
+        assert meta["scores"] == sorted(set(meta["web_scores"] + syn), reverse=True)[:2]
+        image = load_images([str(setup["root"] / "data" / r["image"])], model.cfg.vision.image_size)
+        enc = tokenizer(r["caption"], padding="longest", return_tensors="pt")
+        itm = model.match(image.expand(2, -1, -1, -1), enc.input_ids, enc.attention_mask, head="itm")
+        itc = model.match(image.expand(2, -1, -1, -1), enc.input_ids, enc.attention_mask, head="itc")
+        assert itm.tolist() == pytest.approx(meta["scores"], abs=1e-5)
+        assert itc.tolist() != pytest.approx(meta["scores"], abs=1e-3)  # not the ITC similarity

@@ -10,7 +10,7 @@ from qformer.dtypes import DTYPES
 from tasks.config import load_structured
 from tasks.data.captions import DEFAULT_MAX_IMAGE_PIXELS
 
-RANKERS = ("itc", "open_clip")
+RANKERS = ("itc", "itm", "open_clip")
 
 
 @dataclass
@@ -38,7 +38,8 @@ class CapfiltConfig:
     max_new_tokens: int = 30
     min_new_tokens: int = 5
     # Ranker: "itc", a stage-1 checkpoint's image-text similarity (max over queries; `ranker_checkpoint`, or the
-    # captioner when empty and it is a stage-1 model); "open_clip", a CLIP model through open_clip
+    # captioner when empty and it is a stage-1 model); "itm", the same checkpoint's ITM match probability (BLIP's
+    # filter; a joint pass per caption, slower); "open_clip", a CLIP model through open_clip
     # (`open_clip_model` architecture name, `ranker_checkpoint` its local weights file; pip install open_clip_torch).
     ranker: str = "itc"
     ranker_checkpoint: str = ""

@@ -8,6 +8,9 @@ first, so a synthetic copy of it never takes a second slot); among equal scores 
 The similarity comes from a `Ranker`:
 - `ItcRanker`: a stage-1 checkpoint's ITC similarity, the cosine of the text's projected [CLS] feature with the
   best of the Q projected query outputs (as `Blip2Stage1.itc_similarity`; no temperature);
+- `ItmRanker`: the same checkpoint's ITM head, the probability that image and text match (BLIP's filter kept or
+  dropped captions by this head; BLIP-2 ranked with CLIP). It reads image and text together, so it is one joint
+  Q-Former pass per candidate: slower than ITC, better at telling which object a word belongs to;
 - `OpenClipRanker`: a CLIP model through open_clip (the paper ranked with CLIP ViT-L/14), from a local weights file.
 """
 
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from tasks.data.text import clean_caption
 
-__all__ = ["ItcRanker", "Kept", "OpenClipRanker", "Ranker", "build_ranker", "keep_top_k"]
+__all__ = ["ItcRanker", "ItmRanker", "Kept", "OpenClipRanker", "Ranker", "build_ranker", "keep_top_k"]
 
 
 @dataclass(frozen=True)
@@ -66,19 +69,32 @@ class ItcRanker(Ranker):
         self.model, self.tokenizer, self.device, self.max_words = model.eval(), tokenizer, device, max_words
         self.transform = eval_transform(model.cfg.vision.image_size)
 
-    @torch.no_grad()
-    def scores(self, images: Tensor, texts: Sequence[str], owners: Sequence[int]) -> list[float]:
-        feats = self.model.image_features(self.model.encode_image(images.to(self.device)), use_cache=False).feats
-        enc = self.tokenizer(
+    def _tokens(self, texts: Sequence[str]):
+        return self.tokenizer(
             [clean_caption(t, self.max_words) for t in texts],
             padding="longest",
             truncation=True,
             max_length=self.model.cfg.max_text_length,
             return_tensors="pt",
         ).to(self.device)
+
+    @torch.no_grad()
+    def scores(self, images: Tensor, texts: Sequence[str], owners: Sequence[int]) -> list[float]:
+        feats = self.model.image_features(self.model.encode_image(images.to(self.device)), use_cache=False).feats
+        enc = self._tokens(texts)
         text = self.model.text_features(enc.input_ids, enc.attention_mask).feat  # [T, P]
         owner = torch.as_tensor(list(owners), device=feats.device)
         return torch.einsum("tqp,tp->tq", feats[owner].float(), text.float()).amax(dim=-1).tolist()
+
+
+class ItmRanker(ItcRanker):
+    @torch.no_grad()
+    def scores(self, images: Tensor, texts: Sequence[str], owners: Sequence[int]) -> list[float]:
+        embeds = self.model.encode_image(images.to(self.device))  # each image through the ViT once
+        enc = self._tokens(texts)
+        owner = torch.as_tensor(list(owners), device=embeds.device)
+        logits = self.model.itm_logits(embeds[owner], enc.input_ids, enc.attention_mask)  # [T, 2]
+        return logits.float().softmax(dim=-1)[:, 1].tolist()
 
 
 class OpenClipRanker(Ranker):
@@ -115,10 +131,10 @@ def build_ranker(cfg, captioner, device: torch.device) -> Ranker:
     model = captioner if not cfg.ranker_checkpoint else load_pretrained(folder).to(device)
     if not isinstance(model, Blip2Stage1):
         raise ValueError(
-            f"ranker itc needs a stage-1 checkpoint (ITC heads): {folder} holds a {type(model).__name__}; set "
-            "ranker_checkpoint to a stage-1 folder"
+            f"ranker {cfg.ranker} needs a stage-1 checkpoint (ITC and ITM heads): {folder} holds a "
+            f"{type(model).__name__}; set ranker_checkpoint to a stage-1 folder"
         )
     tokenizer = load_tokenizer_from(folder)
     if tokenizer is None:
         raise ValueError(f"{folder} has no tokenizer/ folder: convert it with --bert BERT_FOLDER")
-    return ItcRanker(model, tokenizer, device, cfg.max_words)
+    return (ItmRanker if cfg.ranker == "itm" else ItcRanker)(model, tokenizer, device, cfg.max_words)
