@@ -10,7 +10,7 @@ The similarity comes from a `Ranker`:
   best of the Q projected query outputs (as `Blip2Stage1.itc_similarity`; no temperature);
 - `ItmRanker`: the same checkpoint's ITM head, the probability that image and text match (BLIP's filter kept or
   dropped captions by this head; BLIP-2 ranked with CLIP). It reads image and text together, so it is one joint
-  Q-Former pass per candidate: slower than ITC, better at telling which object a word belongs to;
+  Q-Former pass per candidate: slower than ITC (in the shapes world it kept 1-2 points more right captions);
 - `OpenClipRanker`: a CLIP model through open_clip (the paper ranked with CLIP ViT-L/14), from a local weights file.
 """
 
