@@ -140,7 +140,9 @@ class Attention(nn.Module):
             return self.norm(x + self.drop(self.out(a))), None
         if context is not None and self._absorb(x.shape[1], context.shape[1]):
             a = self._attend_absorbed(x, context, mask)  # [B, L, D]
-            return self.norm(x + self.drop(self.out(a))), None
+            return self.norm(x + self.drop(self.out(a))), None  # x may be one row shared by all B images
+        if context is not None and x.shape[0] != context.shape[0]:
+            x = x.expand(context.shape[0], -1, -1)  # shared queries (`QFormer._shares_queries`): one row per image
         source = x if context is None else context
         q = self._split_heads(self.q(x))  # [B, H, L, d]
         k = self._split_heads(self.k(source))  # [B, H, L or N, d]
@@ -200,12 +202,16 @@ class Attention(nn.Module):
         `[B, L, H, E]` operands in place (`_heads_matmul`), where the head-major order cost two permute copies of
         them per layer, more time than the saved multiply-adds.
         """
-        h, (b, length, _), (n, width) = self.num_heads, x.shape, context.shape[1:]
+        h, (rows, length, _), (b, n, width) = self.num_heads, x.shape, context.shape
         d = self.q.out_features // h
-        q = (self.q(x) * d**-0.5).view(b * length, h, d).transpose(0, 1)  # [H, B*L, d]; the scale is a power of 2
+        q = (self.q(x) * d**-0.5).view(rows * length, h, d).transpose(0, 1)  # [H, B*L, d]; the scale is a power of 2
         # Large intermediates ([B, L, H, E]) are not kept in locals: freed at once, the next one reuses their pages.
-        qk = _heads_matmul(q, self.k.weight.view(h, d, width).to(q.dtype)).view(b, length * h, width)
-        scores = qk @ context.transpose(1, 2).to(qk.dtype)  # [B, L*H, N]
+        qk = _heads_matmul(q, self.k.weight.view(h, d, width).to(q.dtype)).view(rows, length * h, width)
+        if rows == b:
+            scores = qk @ context.transpose(1, 2).to(qk.dtype)  # [B, L*H, N]
+        else:  # one row of queries shared by all B images: a single product against all B*N image tokens
+            scores = qk[0] @ context.reshape(b * n, width).T.to(qk.dtype)  # [L*H, B*N]
+            scores = scores.view(length * h, b, n).transpose(0, 1)  # [B, L*H, N] view
         del qk
         if mask is not None:
             scores = scores + mask.flatten(1, 2).to(scores.dtype)  # [B, 1, N] over every head and query
@@ -398,10 +404,11 @@ class QFormer(nn.Module):
         if image_embeds is not None and image_kv is not None:
             raise ValueError("pass image_embeds or image_kv, not both")
         self._check_text(input_ids)
-        queries = None
+        queries, batch = None, 0
         if has_image:
             batch = image_embeds.shape[0] if image_embeds is not None else next(kv for kv in image_kv if kv)[0].shape[0]
-            queries = self.query_tokens.expand(batch, -1, -1)  # [B, Q, D]
+            shared = input_ids is None and image_embeds is not None and self._shares_queries()
+            queries = self.query_tokens if shared else self.query_tokens.expand(batch, -1, -1)  # [1 or B, Q, D]
         x = self.embeddings(queries, input_ids)  # [B, L, D]
         if has_image and x.device.type == "cpu":
             keep_large_blocks()  # the image side's large intermediates, reused instead of mapped afresh per layer
@@ -419,7 +426,19 @@ class QFormer(nn.Module):
             device=x.device,
         )
         image_mask = cross_attention_mask(image_mask, dtype=x.dtype)
-        return self._run_layers(x, query_length, mask, image_embeds, image_mask, None, use_cache, image_kv)
+        return self._run_layers(x, query_length, mask, image_embeds, image_mask, None, use_cache, image_kv, batch)
+
+    def _shares_queries(self) -> bool:
+        """Whether a queries-only pass runs the layers before the first cross-attention once for all images.
+
+        Until the queries first read the image they are the same for every image, unless dropout makes them differ:
+        then the embeddings and that self-attention run on one row, which the first cross-attention broadcasts
+        (`Attention`). Only for inference (no autograd): there it saves about 2% of a paper-size pass at batch 8
+        (more at larger batches); a training step would gain well under 1% and its FLOPs per sample would depend
+        on the batch size (`qformer.flops` counts every row).
+        """
+        dropout = self.training and (self.cfg.hidden_dropout > 0 or self.cfg.attention_dropout > 0)
+        return not dropout and not torch.is_grad_enabled()
 
     def image_keys_values(self, image_embeds: Tensor) -> list[tuple[Tensor, Tensor] | None]:
         """Every layer's cross-attention keys/values `[B, H, N, d]` (None where a layer has no cross-attention)."""
@@ -478,6 +497,7 @@ class QFormer(nn.Module):
         cache: KVCache | None,
         use_cache: bool,
         image_kv: list[tuple[Tensor, Tensor] | None] | None = None,
+        batch: int = 0,  # B when the queries come as one shared row (`_shares_queries`)
     ) -> QFormerOutput:
         if query_length and image_embeds is None and image_kv is None:
             raise ValueError("query positions need image_embeds for cross-attention")
@@ -487,7 +507,9 @@ class QFormer(nn.Module):
             kv_i = None if image_kv is None else image_kv[i]
             x, kv = layer(x, query_length, mask, image_embeds, image_mask, past, kv_i)
             if use_cache:
-                new_layers.append(kv)
+                new_layers.append(tuple(t.expand(max(batch, t.shape[0]), -1, -1, -1) for t in kv))
+        if x.shape[0] < batch:  # no layer read the image (a Q-Former without cross-attention)
+            x = x.expand(batch, -1, -1).contiguous()
         query_cache_length = query_length if cache is None else cache.query_length
         return QFormerOutput(x, KVCache(new_layers, query_cache_length) if use_cache else None)
 

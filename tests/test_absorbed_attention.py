@@ -1,9 +1,10 @@
 """The absorbed cross-attention is the same math as the direct one: outputs and gradients, in train mode too."""
 
+import pytest
 import torch
 from torch.testing import assert_close
 
-from qformer import QFormerConfig
+from qformer import QFormer, QFormerConfig
 from qformer.qformer import Attention
 
 
@@ -56,3 +57,36 @@ def test_value_bias_is_exact_under_attention_dropout():
     a = (p @ v).transpose(1, 2).flatten(2)
     expected = absorbed.norm(x + absorbed.out(a))
     assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["absorbed", "direct"])
+def test_inference_runs_the_first_layer_once_for_all_images(impl):
+    """Under no_grad the queries are the same for every image until they first read it: the embeddings and layer 0's
+    self-attention run on one row, and the result (hidden states and cache) is the per-image pass, padding and all."""
+    cfg = QFormerConfig.preset("tiny", cross_attention_impl=impl, hidden_dropout=0.0, attention_dropout=0.0)
+    model = QFormer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    image = torch.randn(3, 9, cfg.encoder_width)
+    image_mask = (torch.arange(9) < torch.tensor([[9], [6], [4]])).long()
+    rows = []
+    model.layers[0].self_attn.register_forward_hook(lambda module, args, out: rows.append(out[0].shape[0]))
+    with torch.no_grad():
+        batched = model(image_embeds=image, image_mask=image_mask, use_cache=True)
+        alone = [
+            model(image_embeds=image[i : i + 1], image_mask=image_mask[i : i + 1], use_cache=True) for i in range(3)
+        ]
+    assert rows == [1, 1, 1, 1]
+    assert_close(batched.hidden, torch.cat([o.hidden for o in alone]), atol=1e-5, rtol=1e-5)
+    for layer, (k, v) in enumerate(batched.cache.layers):
+        assert_close(k, torch.cat([o.cache.layers[layer][0] for o in alone]), atol=1e-5, rtol=1e-5)
+        assert_close(v, torch.cat([o.cache.layers[layer][1] for o in alone]), atol=1e-5, rtol=1e-5)
+    # With autograd (training), or with dropout under no_grad, every image keeps its own row.
+    rows.clear()
+    model(image_embeds=image)
+    dropout = QFormer(cfg.replace(hidden_dropout=0.1)).train()
+    dropout.layers[0].self_attn.register_forward_hook(lambda module, args, out: rows.append(out[0].shape[0]))
+    with torch.no_grad():
+        dropout(image_embeds=image)
+    assert rows == [3, 3]
