@@ -39,6 +39,7 @@ from qformer.config import QFormerConfig
 from qformer.cpu_malloc import keep_large_blocks
 from qformer.flops import absorbed_is_cheaper
 from qformer.masks import cross_attention_mask, self_attention_mask
+from qformer.packed_linear import Linear
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,10 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         self.dropout_p = cfg.attention_dropout
         self.impl = cfg.cross_attention_impl
-        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k = nn.Linear(context_width, cfg.hidden_size)
-        self.v = nn.Linear(context_width, cfg.hidden_size)
-        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k = Linear(context_width, cfg.hidden_size)
+        self.v = Linear(context_width, cfg.hidden_size)
+        self.out = Linear(cfg.hidden_size, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.hidden_dropout)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
@@ -252,7 +253,12 @@ class _HeadsMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # in the [M, H, K] memory order `a` is a transposed view of (both callers)
             grad_a = a.new_empty(a.shape[1], a.shape[0], a.shape[2]).transpose(0, 1)
             torch.bmm(g, w.transpose(1, 2), out=grad_a)
-        grad_w = torch.bmm(a.transpose(1, 2), g) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            if w.stride(1) == 1 and w.stride(2) != 1:  # a transposed view (the value path's `Wv_h^T`): the product
+                grad_w = torch.bmm(g.transpose(1, 2), a).transpose(1, 2)  # formed transposed lands in its layout
+            else:
+                grad_w = torch.bmm(a.transpose(1, 2), g)
         return grad_a, grad_w
 
 
@@ -265,8 +271,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.hidden_dropout)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
@@ -343,7 +349,7 @@ class LMHead(nn.Module):
 
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from qformer import QFormer, QFormerConfig
-from qformer.qformer import Attention
+from qformer.qformer import Attention, _heads_matmul
 
 
 def _pair(**changes):
@@ -36,6 +36,21 @@ def test_outputs_and_gradients_agree():
             assert b.grad is None and a.grad.abs().max() < 1e-4
             continue
         assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_per_head_weight_gradients_come_back_in_the_weights_layout():
+    """`_heads_matmul` is given `Wk_h` as a plain view and `Wv_h^T` as a transposed view of the parameters; each
+    weight gradient must come back with its input's strides (else autograd copies it into the parameter's layout),
+    and equal the plain product either way."""
+    h, m, k, n = 3, 5, 4, 7
+    a = torch.randn(m, h, k).transpose(0, 1)  # [H, M, K] in [M, H, K] memory, as both callers pass it
+    for w in (torch.randn(h, k, n), torch.randn(h, n, k).transpose(1, 2)):
+        w.requires_grad_(True)
+        out = _heads_matmul(a, w)  # [M, H, N]
+        grad_out = torch.randn_like(out)
+        (grad_w,) = torch.autograd.grad(out, w, grad_out)
+        assert grad_w.stride() == w.stride()
+        assert_close(grad_w, a.transpose(1, 2) @ grad_out.transpose(0, 1))
 
 
 def test_value_bias_is_exact_under_attention_dropout():
