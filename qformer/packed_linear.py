@@ -11,7 +11,8 @@ weights (`torch.ops.mkldnn._linear_pointwise`, any row count from one pack) took
 
 When: no gradient recorded (`no_grad` or `inference_mode`), CPU, fp32 input and weight, no CPU autocast, a
 contiguous input of at least 16 rows (MKL's own small-row kernel is faster below that), a weight of at least
-256 x 256 (smaller ones gain little; it also keeps the tiny test configs on `F.linear`), torch built with MKL.
+512 x 512 elements (the paper's Q-Former is 768 wide; smaller weights gain less, and the shapes demo's 128-wide
+Q-Former and the tiny test configs stay on `F.linear`, their results unchanged), torch built with MKL.
 A pack serves one row count only, so a row count is packed on its second call in a row (a one-off shape is not worth
 the copy), and at most two row counts are kept per layer. Packs are dropped when the weight's storage or version
 counter changes (an optimizer step, `load_state_dict`, `.to()`) and whenever the train/eval mode is set, so a
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Linear", "mkl_packing_available"]
 
 MIN_ROWS = 16
-MIN_WEIGHT_NUMEL = 256 * 256
+MIN_WEIGHT_NUMEL = 512 * 512
 MAX_ROW_COUNTS = 2
 
 

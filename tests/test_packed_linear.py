@@ -33,8 +33,8 @@ def _ran_packed(fn) -> bool:
 
 def test_inference_multiplies_by_the_packed_weight_from_the_second_call():
     torch.manual_seed(0)
-    lin = Linear(256, 384).eval()
-    x = torch.randn(4, 8, 256)
+    lin = Linear(512, 640).eval()
+    x = torch.randn(4, 8, 512)
     with torch.no_grad():
         first = []
         assert not _ran_packed(lambda: first.append(lin(x)))  # a row count is packed on its second call
@@ -48,22 +48,22 @@ def test_inference_multiplies_by_the_packed_weight_from_the_second_call():
 
 def test_a_changed_weight_is_packed_again():
     torch.manual_seed(0)
-    lin = Linear(256, 256).eval()
-    x = torch.randn(32, 256)
+    lin = Linear(512, 512).eval()
+    x = torch.randn(32, 512)
     with torch.no_grad():
         lin(x), lin(x)
         lin.weight.mul_(-2.0)  # an optimizer step or load_state_dict: in place, the version counter moves
         got = lin(x)
         assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
-        lin.weight = torch.nn.Parameter(torch.randn(256, 256))  # new storage
+        lin.weight = torch.nn.Parameter(torch.randn(512, 512))  # new storage
         lin(x)
         assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
 
 
 def test_training_and_autocast_use_f_linear_and_setting_the_mode_drops_the_packs():
     torch.manual_seed(0)
-    lin = Linear(256, 256).eval()
-    x = torch.randn(32, 256)
+    lin = Linear(512, 512).eval()
+    x = torch.randn(32, 512)
     for _ in range(2):
         assert not _ran_packed(lambda: lin(x).sum().backward())  # with autograd: F.linear, gradients flow
     assert lin.weight.grad is not None
@@ -78,22 +78,30 @@ def test_training_and_autocast_use_f_linear_and_setting_the_mode_drops_the_packs
         assert not _ran_packed(lambda: lin(x))
 
 
+def test_small_weights_stay_on_f_linear():
+    """Under 512 x 512 elements (the shapes demo's 128-wide Q-Former): no packing, results exactly `F.linear`'s."""
+    lin = Linear(128, 512).eval()
+    x = torch.randn(64, 128)
+    with torch.no_grad():
+        assert not _ran_packed(lambda: (lin(x), lin(x), lin(x)))
+
+
 def test_at_most_two_row_counts_are_kept():
-    lin = Linear(256, 256).eval()
+    lin = Linear(512, 512).eval()
     with torch.no_grad():
         for rows in (16, 16, 32, 32, 48, 48):
-            lin(torch.randn(rows, 256))
+            lin(torch.randn(rows, 512))
     assert sorted(lin._packs) == ([32, 48] if PACKS else [])
 
 
 @pytest.mark.parametrize("impl", ["absorbed", "direct"])
 def test_qformer_inference_with_packed_weights_matches_f_linear(impl):
     cfg = QFormerConfig.preset(
-        "tiny", hidden_size=256, intermediate_size=512, num_heads=4, encoder_width=256, cross_attention_impl=impl
+        "tiny", hidden_size=512, intermediate_size=1024, num_heads=4, encoder_width=512, cross_attention_impl=impl
     )
     torch.manual_seed(0)
     model = QFormer(cfg).eval()
-    image = torch.randn(5, 9, 256)  # 5 x 4 query rows: over MIN_ROWS
+    image = torch.randn(5, 9, 512)  # 5 x 4 query rows: over MIN_ROWS
     ids = torch.randint(100, (3, 7))
     with torch.no_grad():
         Linear.enabled = False
