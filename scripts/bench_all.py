@@ -163,6 +163,17 @@ def headline(name: str, result: dict) -> str:
     return json.dumps(result)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; `platform.processor()` is empty or just the architecture there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = {
         "mode": "smoke" if args.smoke else "paper",
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "sections": {},
