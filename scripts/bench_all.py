@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import traceback
@@ -34,6 +33,8 @@ import bench_qformer  # noqa: E402
 import bench_retrieval  # noqa: E402
 import bench_stage1  # noqa: E402
 import bench_train  # noqa: E402
+
+from tasks.throughput import device_name  # noqa: E402
 
 SECTIONS = ("qformer", "stage1", "stage2_opt", "stage2_t5", "generate", "retrieval")
 COCO_IMAGES, COCO_TEXTS = 5000, 25000
@@ -163,17 +164,6 @@ def headline(name: str, result: dict) -> str:
     return json.dumps(result)
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo; `platform.processor()` is empty or just the architecture there)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
@@ -194,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = {
         "mode": "smoke" if args.smoke else "paper",
-        "device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
+        "device": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "sections": {},

@@ -21,6 +21,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from qformer import QFormer, QFormerConfig
 from qformer.convert import qformer_state_dict, split_transformers_qformer
 from qformer.dtypes import DTYPES
+from tasks.throughput import device_name
 
 
 def build_pair(cfg: QFormerConfig, attn: str) -> tuple[QFormer, Blip2QFormerModel, torch.Tensor]:
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> dict:
     params = sum(p.numel() for p in ours.parameters())
     print(
         f"Q-Former {args.preset}: {params / 1e6:.1f}M params (with text path), batch {args.batch}, "
-        f"image tokens {args.image_tokens}x{cfg.encoder_width}, device {args.device}, {args.dtype}, "
+        f"image tokens {args.image_tokens}x{cfg.encoder_width}, device {args.device} ({device_name(args.device)}), "
+        f"{args.dtype}, "
         f"threads {torch.get_num_threads()}, transformers attention {args.attn}"
     )
     print(f"{'phase':<22}{'ours ms':>10}{'theirs ms':>11}{'ratio':>8}")

@@ -10,6 +10,8 @@ from `PEAK_BF16_TFLOPS` by the CUDA device's name; without a peak the record has
 from __future__ import annotations
 
 import logging
+import platform
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,6 +42,21 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
             return peak
     logger.warning("no dense bf16 peak known for %r: set peak_tflops in the run config to log mfu", name)
     return None
+
+
+def device_name(device: torch.device | str) -> str:
+    """What a benchmark ran on: the CUDA device's name, or the CPU's model name (from /proc/cpuinfo on Linux, where
+    `platform.processor()` is empty or only the architecture)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or device.type
 
 
 def train_flops_per_sample(cfg, model: nn.Module, world: int = 1) -> StepFlops:
