@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from qformer.config import QFormerConfig
 from qformer.cpu_malloc import keep_large_blocks
+from qformer.dropout import Dropout, attention, keep_mask
 from qformer.flops import absorbed_is_cheaper
 from qformer.masks import cross_attention_mask, self_attention_mask
 from qformer.packed_linear import Linear
@@ -118,7 +119,7 @@ class Attention(nn.Module):
         self.k = Linear(context_width, cfg.hidden_size)
         self.v = Linear(context_width, cfg.hidden_size)
         self.out = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.drop = Dropout(cfg.hidden_dropout)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def _split_heads(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, H, L, d]
@@ -137,7 +138,7 @@ class Attention(nn.Module):
             k, v = (t.to(q.dtype) for t in context_kv)
             dropout = self.dropout_p if self.training else 0.0
             mask = None if mask is None else mask.to(q.dtype)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).transpose(1, 2).flatten(2)
+            a = attention(q, k, v, mask, dropout).transpose(1, 2).flatten(2)
             return self.norm(x + self.drop(self.out(a))), None
         if context is not None and self._absorb(x.shape[1], context.shape[1]):
             a = self._attend_absorbed(x, context, mask)  # [B, L, D]
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         if mask is not None:
             mask = mask.to(q.dtype)  # autocast may run q in a lower precision than the mask was built in
         dropout = self.dropout_p if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # [B, H, L, d]
+        a = attention(q, k, v, mask, dropout)  # [B, H, L, d]
         a = a.transpose(1, 2).flatten(2)  # [B, L, D]
         return self.norm(x + self.drop(self.out(a))), (k, v)
 
@@ -219,12 +220,10 @@ class Attention(nn.Module):
         p = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         dropped = self.training and self.dropout_p
         if dropped:
-            # F.dropout's own draw (bernoulli_ on a fresh tensor, divided by 1 - p), made in the direct form's
-            # [B, H, L, N] order so that a seed drops the same weights in both, and applied to P's (query, head)
-            # rows through a transposed view: P itself is never permuted.
-            keep = p.new_empty(b, h, length, n).bernoulli_(1.0 - self.dropout_p)
-            if self.dropout_p < 1.0:
-                keep.div_(1.0 - self.dropout_p)
+            # Drawn in the direct form's [B, H, L, N] order (`qformer.dropout.attention`), so that a seed drops the
+            # same weights in both, and applied to P's (query, head) rows through a transposed view: P itself is
+            # never permuted.
+            keep = keep_mask((b, h, length, n), self.dropout_p, p.dtype, p.device)
             p = (p.view(b, length, h, n) * keep.transpose(1, 2)).view(b, length * h, n)
         px = (p @ context.to(p.dtype)).view(b * length, h, width).transpose(0, 1)  # [H, B*L, E]
         a = _heads_matmul(px, self.v.weight.view(h, d, width).transpose(1, 2).to(px.dtype))  # [B*L, H, d]
@@ -273,7 +272,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.drop = Dropout(cfg.hidden_dropout)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, L, D] -> [B, L, D]
@@ -322,7 +321,7 @@ class Embeddings(nn.Module):
             self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
             self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.drop = Dropout(cfg.hidden_dropout)
 
     def forward(
         self,

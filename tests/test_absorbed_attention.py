@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from qformer import QFormer, QFormerConfig
+from qformer.dropout import dropout
 from qformer.qformer import Attention, _heads_matmul
 
 
@@ -68,10 +69,23 @@ def test_value_bias_is_exact_under_attention_dropout():
     v = absorbed.v(image).unflatten(-1, (h, d)).transpose(1, 2)
     p = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1)  # [B, H, L, N]
     torch.manual_seed(3)
-    p = torch.nn.functional.dropout(p.flatten(1, 2), 0.5).unflatten(1, (h, -1))
+    p = dropout(p, 0.5)
+    assert (p == 0).float().mean().item() == pytest.approx(0.5, abs=0.1)  # the draw did drop weights
     a = (p @ v).transpose(1, 2).flatten(2)
     expected = absorbed.norm(x + absorbed.out(a))
     assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_seed_drops_the_same_attention_weights_in_both_forms():
+    direct, absorbed = _pair(attention_dropout=0.3, hidden_dropout=0.2)
+    x, image = torch.randn(2, 4, 32), torch.randn(2, 9, 48)
+    outs = []
+    for module in (direct.train(), absorbed.train()):
+        torch.manual_seed(5)
+        outs.append(module(x, context=image)[0])
+    assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.manual_seed(6)
+    assert (direct(x, context=image)[0] - outs[0]).abs().max() > 1e-3  # another seed, other weights dropped
 
 
 @pytest.mark.parametrize("impl", ["absorbed", "direct"])
