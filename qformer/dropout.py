@@ -1,9 +1,9 @@
 """Dropout for the Q-Former, with its masks drawn from uniform numbers on the CPU.
 
-`F.dropout` on the CPU draws its mask with `bernoulli_`, which on this project's 2-core machines (Intel Xeon with
-AVX-512, AMD EPYC) is about twice as slow as drawing the same number of uniform floats: 0.95 vs 0.46 ms for a
-`[8, 32, 768]` mask, 3.75 vs 1.84 ms for `[8, 12, 32, 257]` cross-attention weights (2 threads, 2026-12-01). A
-paper-size Q-Former's training pass draws ~7.5 M mask elements per batch of 8, 7% of its CPU time with `bernoulli_`.
+`F.dropout` on the CPU draws its mask with `bernoulli_`, about twice as slow as drawing the same number of uniform
+floats: 0.95 vs 0.46 ms for a `[8, 32, 768]` mask, 3.75 vs 1.84 ms for `[8, 12, 32, 257]` cross-attention weights
+(2 Intel Xeon cores with AVX-512, 2026-12-01; on 2 AMD EPYC cores earlier 0.85 vs 0.40 and 3.4 vs 1.6 ms). A
+paper-size Q-Former's training pass draws 12 M mask elements per batch of 8, 7% of its CPU time with `bernoulli_`.
 Here a position is kept when `torch.rand(...) >= p`: probability `1 - p` (to the 2^-24 step of a float32 uniform),
 kept values scaled by `1 / (1 - p)` as `F.dropout` does, and drawn from torch's default generator, so
 `torch.manual_seed` repeats a run. The draws differ from `F.dropout`'s: the same seed drops other positions than

@@ -25,11 +25,14 @@ filtered run, no retrieval): the CI test's path.
 Why a caption counts as correct only when the grammar makes it for exactly that scene: see `caption_correct`.
 
 Measured (seed 0, the full demo; kept-caption correctness minus the web captions' 50%, on the test images):
--9.2 points (40.8% of kept captions exactly right; the training images: 38.5%); retrieval R@1 (text, image) of stage
-1 trained on the web captions 13.5 / 7.9, on the kept ones 79.0 / 72.6 (+65.5, +64.7). The filter works (it keeps
-42% of the correct web captions and 20% of the wrong ones). The fast demo: -9.5 points, R@1 52.0 / 41.8 -> 83.0 / 70.6
-(the variant 127 s). In both, the captioner is what holds correctness below the bar of
-+30: its samples are exactly right for one-object scenes but seldom for three (test images, 10 nucleus samples each:
+-6.2 points (43.8% of kept captions exactly right; the training images: 41.3%); retrieval R@1 (text, image) of stage
+1 trained on the web captions 34.5 / 26.4, on the kept ones 70.5 / 67.7 (+36.0, +41.3). The filter works (it keeps
+58% of the correct web captions and 18% of the wrong ones). That is the run of 2026-12-01 (2 Intel Xeon cores, CPU
+dropout masks from uniform draws: `qformer.dropout`); the figures below, and the previous run's (-9.2 points, 40.8%,
+R@1 13.5 / 7.9 -> 79.0 / 72.6, 2 AMD EPYC cores), came from the code before that change. The fast demo: -9.5
+points, R@1 52.0 / 41.8 -> 83.0 / 70.6 (the variant 127 s). In both, the captioner is what holds correctness
+below the bar of +30: its samples are exactly right for one-object scenes but seldom for three (test images, 10
+nucleus samples each:
 67.9% of one-object, 3.7% of two-object, 0% of three-object samples right; greedy 100% / 5.3% / 0%), so for most
 multi-object images the kept pair holds a wrong synthetic caption. With the stage-1 Q-Former's LM as the captioner
 (this variant's first form) kept-caption correctness was 12.8% (-37.2) and the filtered run's R@1 26.0 / 23.8. What
