@@ -220,9 +220,9 @@ class Attention(nn.Module):
         p = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         dropped = self.training and self.dropout_p
         if dropped:
-            # Drawn in the direct form's [B, H, L, N] order (`qformer.dropout.attention`), so that a seed drops the
-            # same weights in both, and applied to P's (query, head) rows through a transposed view: P itself is
-            # never permuted.
+            # Drawn in the direct form's [B, H, L, N] order (`qformer.dropout.attention`), so that on the CPU a seed
+            # drops the same weights in both (CUDA's fused SDPA draws its own), and applied to P's (query, head) rows
+            # through a transposed view: P itself is never permuted.
             keep = keep_mask((b, h, length, n), self.dropout_p, p.dtype, p.device)
             p = (p.view(b, length, h, n) * keep.transpose(1, 2)).view(b, length * h, n)
         px = (p @ context.to(p.dtype)).view(b * length, h, width).transpose(0, 1)  # [H, B*L, E]
