@@ -1,4 +1,4 @@
-"""The Q-Former's dropout (`qformer.dropout`): F.dropout's odds and scale, its CPU masks from uniform draws."""
+"""The Q-Former's dropout (`qformer.dropout`): F.dropout's odds and scale, its CPU masks from 16-bit uniform draws."""
 
 import pytest
 import torch
@@ -31,6 +31,15 @@ def test_keep_mask_keeps_one_minus_p_and_scales_by_its_inverse(p):
     kept = (keep > 0).double().mean().item()
     assert kept == pytest.approx(1.0 - p, abs=5 * (p * (1 - p) / 1e6) ** 0.5)  # 5 sigma
     assert keep.double().mean().item() == pytest.approx(1.0, abs=5e-3)  # E[mask] = 1: activations keep their mean
+
+
+def test_keep_mask_near_one_keeps_almost_nothing_and_zero_keeps_everything():
+    """The 16-bit threshold saturates instead of wrapping around (which would keep every position)."""
+    torch.manual_seed(0)
+    assert (keep_mask((1000, 1000), 1 - 1e-7, torch.float32, torch.device("cpu")) > 0).double().mean() < 1e-4
+    assert torch.equal(keep_mask((1000, 1000), 0.0, torch.float32, torch.device("cpu")), torch.ones(1000, 1000))
+    # Shapes whose size is not a multiple of the four draws per 64-bit word.
+    assert keep_mask((3, 5, 7), 0.5, torch.float32, torch.device("cpu")).shape == (3, 5, 7)
 
 
 def test_keep_mask_repeats_with_the_seed_and_comes_in_the_asked_dtype():
@@ -84,7 +93,7 @@ def test_attention_is_sdpa_without_dropout_and_the_textbook_with_it():
 
 
 def test_a_training_pass_on_the_cpu_draws_no_bernoulli_masks():
-    """Every mask of a Q-Former training pass (hidden, self- and cross-attention dropout) comes from uniform draws."""
+    """Every mask of a Q-Former training pass (hidden, self- and cross-attention dropout) comes from integer draws."""
     cfg = QFormerConfig.preset("tiny", hidden_dropout=0.1, attention_dropout=0.1)
     model = QFormer(cfg).train()
     image = torch.randn(2, 9, cfg.encoder_width)
@@ -92,8 +101,8 @@ def test_a_training_pass_on_the_cpu_draws_no_bernoulli_masks():
     ops = _Ops()
     with ops:
         model(input_ids=ids, image_embeds=image, causal=True).hidden.sum().backward()
-    assert "rand" in ops.names
-    assert not {"bernoulli_", "bernoulli", "native_dropout"} & ops.names
+    assert "random_" in ops.names
+    assert not {"bernoulli_", "bernoulli", "native_dropout", "rand", "uniform_"} & ops.names
     # And a seed repeats the pass.
     outs = []
     for _ in range(2):
