@@ -7,7 +7,7 @@ to the 2^-17 rounding of that threshold (0.1 -> 0.100006), kept values scaled by
 drawn from torch's default generator, so `torch.manual_seed` repeats a run. A `[8, 32, 768]` mask takes 0.24 ms
 against 0.49 ms from `torch.rand` and 0.95 ms from `bernoulli_`; `[8, 12, 32, 257]` cross-attention weights 1.07 vs
 2.03 vs 3.75 ms (2 Intel Xeon cores with AVX-512, 2026-12-01). A paper-size Q-Former's training pass draws 12 M mask
-elements per batch of 8: 7% of its CPU time with `bernoulli_`, about 2.5% now.
+elements per batch of 8: 7% of its CPU time with `bernoulli_`, 2.7% now (draw, compare, convert).
 The draws differ from `F.dropout`'s: the same seed drops other positions than transformers' or LAVIS' modules do
 (neither shares our layer order anyway). Off the CPU, `F.dropout` (one fused kernel on CUDA) and `bernoulli_` stay.
 """

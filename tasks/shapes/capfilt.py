@@ -25,11 +25,12 @@ filtered run, no retrieval): the CI test's path.
 Why a caption counts as correct only when the grammar makes it for exactly that scene: see `caption_correct`.
 
 Measured (seed 0, the full demo; kept-caption correctness minus the web captions' 50%, on the test images):
--6.2 points (43.8% of kept captions exactly right; the training images: 41.3%); retrieval R@1 (text, image) of stage
-1 trained on the web captions 34.5 / 26.4, on the kept ones 70.5 / 67.7 (+36.0, +41.3). The filter works (it keeps
-58% of the correct web captions and 18% of the wrong ones). That is the run of 2026-12-01 (2 Intel Xeon cores, CPU
-dropout masks from uniform draws: `qformer.dropout`); the figures below, and the previous run's (-9.2 points, 40.8%,
-R@1 13.5 / 7.9 -> 79.0 / 72.6, 2 AMD EPYC cores), came from the code before that change. The fast demo: -9.5
+-11.8 points (38.2% of kept captions exactly right; the training images: 34.1%); retrieval R@1 (text, image) of stage
+1 trained on the web captions 15.0 / 12.9, on the kept ones 87.0 / 84.6 (+72.0, +71.7). The filter works (it keeps
+44% of the correct web captions and 8% of the wrong ones). That is the run of 2026-12-01 (2 Intel Xeon cores, CPU
+dropout masks from 16-bit draws: `qformer.dropout`); the two runs before, with other dropout draws, gave -6.2 (43.8%,
+R@1 34.5 / 26.4 -> 70.5 / 67.7) and -9.2 (40.8%, R@1 13.5 / 7.9 -> 79.0 / 72.6, 2 AMD EPYC cores), and the figures
+below came from the code of those runs. The fast demo: -9.5
 points, R@1 52.0 / 41.8 -> 83.0 / 70.6 (the variant 127 s). In both, the captioner is what holds correctness
 below the bar of +30: its samples are exactly right for one-object scenes but seldom for three (test images, 10
 nucleus samples each:
